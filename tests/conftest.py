@@ -1,0 +1,35 @@
+"""Shared test options. `pytest --preset NAME` runs the shape and invariant tests that take the
+`preset_cfg` fixture at a real preset's dimensions (default: tiny). Tests for presets too large
+for memory build the model on the meta device (`big_preset` tells them to)."""
+
+import pytest
+import torch
+
+import miniflamingo as mf
+
+BIG_PRESETS = ("flamingo-3b", "flamingo-9b", "flamingo-80b")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--preset", default="tiny", help="preset for shape/invariant tests (default tiny)")
+
+
+@pytest.fixture
+def preset(request) -> str:
+    return request.config.getoption("--preset")
+
+
+@pytest.fixture
+def preset_cfg(preset) -> mf.FlamingoConfig:
+    return mf.FlamingoConfig.preset(preset)
+
+
+@pytest.fixture
+def big_preset(preset) -> bool:
+    """True when the preset is too large for real tensors here: use the meta device."""
+    return preset in BIG_PRESETS
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
