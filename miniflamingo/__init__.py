@@ -1,6 +1,7 @@
 """miniflamingo: a small, readable, from-scratch PyTorch reimplementation of Flamingo
 (Alayrac et al., 2022, arXiv 2204.14198). See README.md and lessons/."""
 
+from miniflamingo import metrics
 from miniflamingo.config import (
     FlamingoConfig,
     LMConfig,
@@ -9,5 +10,5 @@ from miniflamingo.config import (
     XAttnConfig,
 )
 
-__all__ = ["FlamingoConfig", "LMConfig", "ResamplerConfig", "VisionConfig", "XAttnConfig"]
+__all__ = ["metrics", "FlamingoConfig", "LMConfig", "ResamplerConfig", "VisionConfig", "XAttnConfig"]
 __version__ = "0.1.0"
