@@ -9,6 +9,9 @@ from miniflamingo.config import (
     VisionConfig,
     XAttnConfig,
 )
+from miniflamingo.tokenizer import Tokenizer
 
-__all__ = ["metrics", "FlamingoConfig", "LMConfig", "ResamplerConfig", "VisionConfig", "XAttnConfig"]
+__all__ = [
+    "metrics", "Tokenizer", "FlamingoConfig", "LMConfig", "ResamplerConfig", "VisionConfig", "XAttnConfig",
+]
 __version__ = "0.1.0"
