@@ -9,9 +9,11 @@ from miniflamingo.config import (
     VisionConfig,
     XAttnConfig,
 )
+from miniflamingo.flamingo import Flamingo
 from miniflamingo.tokenizer import Tokenizer
 
 __all__ = [
-    "metrics", "Tokenizer", "FlamingoConfig", "LMConfig", "ResamplerConfig", "VisionConfig", "XAttnConfig",
+    "metrics", "Flamingo", "Tokenizer",
+    "FlamingoConfig", "LMConfig", "ResamplerConfig", "VisionConfig", "XAttnConfig",
 ]
 __version__ = "0.1.0"

@@ -48,6 +48,18 @@ class VisionConfig:
             f"vision.image_size={self.image_size} must be divisible by the total stride {self.stride}"
         )
 
+    @classmethod
+    def nfnet(cls, variant: str = "f0", **overrides) -> VisionConfig:
+        """NFNet-F0 ... F6 (Brock et al. 2021, Table 1): the depths grow as (1, 2, 6, 3) * (k + 1); widths,
+        group width 128 and final width 3072 are shared. Image size is each variant's training resolution
+        unless overridden (Flamingo trains F6 at 288 contrastively and 320 inside Flamingo)."""
+        sizes = {"f0": 192, "f1": 224, "f2": 256, "f3": 320, "f4": 384, "f5": 416, "f6": 448}
+        if variant not in sizes:
+            raise ValueError(f"unknown NFNet variant {variant!r}; choose one of {sorted(sizes)}")
+        k = int(variant[1]) + 1
+        base = dict(image_size=sizes[variant], depths=(1 * k, 2 * k, 6 * k, 3 * k))
+        return cls(**{**base, **overrides})
+
     @property
     def stride(self) -> int:
         s = 4  # the stem's two stride-2 convs

@@ -10,6 +10,12 @@ import miniflamingo as mf
 BIG_PRESETS = ("flamingo-3b", "flamingo-9b", "flamingo-80b")
 
 
+def pytest_configure(config):
+    # The tests use tiny tensors, where a second thread costs more in hand-offs than it gains; on a
+    # busy 2-core machine two threads made the model tests 8x slower.
+    torch.set_num_threads(1)
+
+
 def pytest_addoption(parser):
     parser.addoption("--preset", default="tiny", help="preset for shape/invariant tests (default tiny)")
 

@@ -1,0 +1,212 @@
+"""Small pure helpers shared by the three training stages (vision, LM, Flamingo). No Trainer class:
+each stage is one straight script that calls these.
+
+Notable features
+- `get_lr`: linear warmup then cosine decay to min_lr_ratio * max_lr (or constant), as in the paper's
+  training recipes (App. B.1.2: warmup, then a schedule).
+- `configure_optimizer`: AdamW that decays only matrices (>= 2-D weights) and never biases, norm gains,
+  learned position/temporal embeddings or Perceiver latents, or anything whose name matches `no_decay`
+  (the Flamingo stage passes "resampler": the paper, App. B.1.2, uses "no weight decay for the Perceiver
+  Resampler and weight decay of 0.1 for the other trainable parameters").
+- `save_checkpoint` is atomic (temp file in the same folder, fsync, os.replace): a crash mid-write leaves
+  the previous checkpoint intact. `load_checkpoint` uses weights_only=True and names the file when it is
+  missing, truncated or corrupt.
+- `JsonlLogger` (one JSON object per line), `Progress` (step/total, loss, tokens/s, ETA on stderr),
+  `seed_everything`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+# ----------------------------------------------------------------------------- schedule and optimizer
+
+
+def get_lr(step: int, max_lr: float, warmup: int, total: int, schedule: str = "cosine",
+           min_lr_ratio: float = 0.1) -> float:
+    """Learning rate at `step` (0-based): linear warmup over `warmup` steps to max_lr, then cosine decay
+    to min_lr_ratio * max_lr at step `total` (and flat after it), or constant at max_lr."""
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    if schedule == "constant":
+        return max_lr
+    min_lr = min_lr_ratio * max_lr
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+# Parameters that are learned vectors/tables standing for positions or queries, not weights mapping
+# one activation to another: shrinking them towards 0 has no regularising meaning (GPT-2, Perceiver).
+NO_DECAY_NAMES = ("latents", "pos_emb", "temporal")
+
+
+def decay_split(named_params: Iterable[tuple[str, torch.Tensor]], no_decay: Iterable[str] = NO_DECAY_NAMES):
+    """Split trainable parameters into (decay, no_decay) lists of names: decay = 2-D or more and no
+    `no_decay` substring in the name. Biases, LayerNorm gains and scalar gates are 0/1-D."""
+    no_decay = tuple(no_decay)
+    decay, keep = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue  # frozen parts (Flamingo's vision encoder and LM) never reach the optimizer
+        (decay if p.dim() >= 2 and not any(s in name for s in no_decay) else keep).append(name)
+    return decay, keep
+
+
+def configure_optimizer(model_or_params, lr: float, weight_decay: float, betas=(0.9, 0.95),
+                        no_decay: Iterable[str] = NO_DECAY_NAMES) -> torch.optim.AdamW:
+    """AdamW with two param groups. Accepts a module, (name, param) pairs, or bare params (then only
+    the >= 2-D rule applies). A tied matrix appears once (named_parameters deduplicates)."""
+    if isinstance(model_or_params, nn.Module):
+        named = list(model_or_params.named_parameters())
+    else:
+        named = list(model_or_params)
+        if named and not isinstance(named[0], tuple):
+            named = [(f"param{i}", p) for i, p in enumerate(named)]
+    params = dict(named)
+    decay, keep = decay_split(named, no_decay)
+    groups = [
+        {"params": [params[n] for n in decay], "weight_decay": weight_decay, "names": decay},
+        {"params": [params[n] for n in keep], "weight_decay": 0.0, "names": keep},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file exists but cannot be read (truncated, corrupt, or not a checkpoint)."""
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """Write `state` with torch.save atomically: readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        dfd = os.open(path.parent, os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """torch.load(weights_only=True): plain tensors and containers only, no pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e}); delete it to start over"
+        ) from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
+    return state
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class JsonlLogger:
+    """Appends one JSON object per line (per step or eval), flushed at once so a crash loses nothing."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def log(self, record: dict | None = None, **fields) -> None:
+        record = {**(record or {}), **fields}
+        self._f.write(json.dumps(record, default=float) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class Progress:
+    """One status line: `step 120/500 | loss 3.214 | 41k tok/s | 0:12 elapsed, ETA 0:39`.
+    On a terminal it redraws in place with \\r; otherwise (logs, CI) it prints a line every `every` steps."""
+
+    def __init__(self, total: int, start: int = 0, every: int = 50, stream=None, desc: str = ""):
+        self.total, self.start, self.every, self.desc = total, start, every, desc
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+        self._last_draw = 0.0
+
+    def update(self, step: int, loss: float | None = None, tokens: int = 0, **extra) -> str:
+        """Call after finishing `step` (1-based count of steps done); `tokens` processed in this step."""
+        self.tokens += tokens
+        elapsed = time.perf_counter() - self.t0
+        done = step - self.start
+        parts = [f"{self.desc}step {step}/{self.total}"]
+        if loss is not None:
+            parts.append(f"loss {loss:.4f}")
+        parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items()]
+        if self.tokens and elapsed > 0:
+            parts.append(f"{self.tokens / elapsed / 1000:.1f}k tok/s")
+        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        parts.append(f"{_duration(elapsed)} elapsed, ETA {_duration(eta) if done > 0 else '?'}")
+        line = " | ".join(parts)
+        now = time.perf_counter()
+        if self.tty:
+            if now - self._last_draw > 0.1 or step >= self.total:
+                self.stream.write("\r" + line + "\033[K")
+                self.stream.flush()
+                self._last_draw = now
+        elif step % self.every == 0 or step >= self.total or done == 1:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        return line
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and all GPUs) so runs are reproducible."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,128 @@
+"""Perceiver Resampler: an independent slow reference, shapes for any F and S, invariance to permuting a
+frame's grid cells, temporal embeddings (interpolated past max_frames), and the paper's parameter count."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import miniflamingo as mf
+from miniflamingo.resampler import PerceiverResampler
+
+CFG = mf.ResamplerConfig(n_layer=2, n_head=2, d_head=8, d_model=16, num_latents=3, max_frames=4)
+D_MEDIA = 12
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: thread start-up costs more than it saves, and on a busy 2-core machine two threads
+    made these tests 10x slower. Restored afterwards, so other test files are unaffected."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def reference(m: PerceiverResampler, x: torch.Tensor) -> torch.Tensor:
+    """Paper Fig. 3 written out one media and one head at a time, with explicit softmax."""
+    B, T, n_frames, S, _ = x.shape
+    cfg, hs = m.cfg, m.cfg.d_head
+    out = torch.zeros(B, T, cfg.num_latents, cfg.d_model)
+
+    def ln(t, norm):
+        return F.layer_norm(t, t.shape[-1:], norm.weight, norm.bias, norm.eps)
+
+    for b in range(B):
+        for t in range(T):
+            proj = [x[b, t, f] @ m.proj.weight.T + m.proj.bias for f in range(n_frames)]
+            feats = torch.cat([p + m.time_embeddings[f] for f, p in enumerate(proj)])  # (F*S, D)
+            lat = m.latents
+            for layer in m.layers:
+                a = layer.attn
+                lat_n = ln(lat, a.norm_latents)
+                kv_in = torch.cat([ln(feats, a.norm_media), lat_n])
+                q, kv = lat_n @ a.to_q.weight.T, kv_in @ a.to_kv.weight.T
+                k, v = kv[:, : cfg.n_head * hs], kv[:, cfg.n_head * hs:]
+                heads = []
+                for h in range(cfg.n_head):
+                    sl = slice(h * hs, (h + 1) * hs)
+                    w = torch.softmax(q[:, sl] @ k[:, sl].T / math.sqrt(hs), dim=-1)
+                    heads.append(w @ v[:, sl])
+                lat = lat + torch.cat(heads, dim=1) @ a.to_out.weight.T
+                ffw = layer.ffw
+                lat = lat + torch.relu(ln(lat, ffw.norm) @ ffw.fc.weight.T) ** 2 @ ffw.proj.weight.T
+            out[b, t] = ln(lat, m.norm)
+    return out
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(B=st.integers(1, 2), T=st.integers(1, 3), n_frames=st.integers(1, 6), S=st.integers(1, 5))
+def test_matches_reference_and_ignores_cell_order(B, T, n_frames, S):
+    m = PerceiverResampler(CFG, d_media=D_MEDIA)
+    x = torch.randn(B, T, n_frames, S, D_MEDIA)
+    y = m(x)
+    assert y.shape == (B, T, CFG.num_latents, CFG.d_model)
+    if n_frames <= CFG.max_frames:  # the reference uses the learned embeddings as they are
+        torch.testing.assert_close(y, reference(m, x), atol=1e-5, rtol=1e-5)
+    # no spatial position encoding: shuffling each frame's S cells (its own permutation) changes nothing
+    perm = torch.stack([torch.randperm(S) for _ in range(B * T * n_frames)]).view(B, T, n_frames, S, 1)
+    torch.testing.assert_close(m(x.gather(3, perm.expand_as(x))), y, atol=1e-5, rtol=1e-5)
+
+
+def test_frame_order_matters():
+    # Temporal embeddings tell frames apart: swapping two frames of a video changes the latents.
+    m = PerceiverResampler(CFG, d_media=D_MEDIA)
+    x = torch.randn(1, 1, 3, 4, D_MEDIA)
+    assert (m(x) - m(x[:, :, [1, 0, 2]])).abs().max() > 1e-3
+
+
+def test_temporal_embeddings_interpolate_past_max_frames():
+    m = PerceiverResampler(CFG, d_media=D_MEDIA)
+    learned = m.time_embeddings.detach()  # (4, D)
+    torch.testing.assert_close(m.frame_embeddings(2), learned[:2])
+    e = m.frame_embeddings(7).detach()  # 7 frames over 4 learned: points at 0, 0.5, 1, ..., 3
+    assert e.shape == (7, CFG.d_model)
+    torch.testing.assert_close(e[0], learned[0])
+    torch.testing.assert_close(e[-1], learned[-1])
+    torch.testing.assert_close(e[1], (learned[0] + learned[1]) / 2)
+    assert m(torch.randn(1, 1, 9, 2, D_MEDIA)).shape == (1, 1, CFG.num_latents, CFG.d_model)
+
+
+def test_no_projection_when_widths_match():
+    m = PerceiverResampler(CFG, d_media=CFG.d_model)
+    assert isinstance(m.proj, torch.nn.Identity)
+    assert m(torch.randn(2, 1, 1, 3, CFG.d_model)).shape == (2, 1, CFG.num_latents, CFG.d_model)
+
+
+def test_bad_input_names_the_layout():
+    m = PerceiverResampler(CFG, d_media=D_MEDIA)
+    with pytest.raises(ValueError, match=r"\(B, T, F, S, Dv=12\)"):
+        m(torch.randn(2, 3, D_MEDIA))
+    with pytest.raises(ValueError, match="Dv=12"):
+        m(torch.randn(1, 1, 1, 3, D_MEDIA + 1))
+
+
+def test_paper_resampler_has_194m_parameters():
+    # paper Table 5: 194M. NFNet-F6 gives Dv = 3072; width 1536, 16 heads of 128, FFW 4x, 6 layers.
+    cfg = mf.FlamingoConfig.preset("flamingo-3b")
+    with torch.device("meta"):
+        m = PerceiverResampler(cfg.resampler, d_media=cfg.vision.d_out)
+    n = sum(p.numel() for p in m.parameters())
+    assert abs(n - 194e6) / 194e6 < 0.005, n
+
+
+def test_preset_shapes(preset_cfg, big_preset):
+    """`pytest --preset flamingo-80b` runs this at the paper's widths, on the meta device."""
+    cfg = preset_cfg
+    device = torch.device("meta") if big_preset else torch.device("cpu")
+    with device:
+        m = PerceiverResampler(cfg.resampler, d_media=cfg.vision.d_out)
+        S = cfg.vision.grid_size**2
+        x = torch.randn(2, 3, 2, S, cfg.vision.d_out)
+        y = m(x)
+        video = m(torch.randn(1, 1, cfg.resampler.max_frames + 3, S, cfg.vision.d_out))
+    assert y.shape == (2, 3, cfg.resampler.num_latents, cfg.resampler.d_model)
+    assert video.shape == (1, 1, cfg.resampler.num_latents, cfg.resampler.d_model)

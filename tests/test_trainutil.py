@@ -1,0 +1,152 @@
+"""Training helpers: schedule values, weight-decay groups, atomic checkpoints, clear load errors, logging."""
+
+import io
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from miniflamingo.config import LMConfig
+from miniflamingo.lm import GPT
+from miniflamingo.trainutil import (
+    CheckpointError,
+    JsonlLogger,
+    Progress,
+    configure_optimizer,
+    get_lr,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
+
+
+def test_get_lr_warmup_then_cosine():
+    lr = lambda s, **kw: get_lr(s, max_lr=1.0, warmup=10, total=110, **kw)  # noqa: E731
+    assert lr(0) == pytest.approx(0.1) and lr(4) == pytest.approx(0.5) and lr(9) == pytest.approx(1.0)
+    assert lr(10) == pytest.approx(1.0)
+    assert lr(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+    assert lr(35) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
+    assert lr(110) == pytest.approx(0.1) and lr(500) == pytest.approx(0.1)
+    assert lr(60, min_lr_ratio=0.0) == pytest.approx(0.5)
+    assert lr(3, schedule="constant") == pytest.approx(0.4) and lr(100, schedule="constant") == 1.0
+    values = [lr(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:])), "cosine phase must not increase"
+    with pytest.raises(ValueError, match="schedule"):
+        lr(0, schedule="linear")
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.ln = nn.LayerNorm(4)
+        self.latents = nn.Parameter(torch.zeros(3, 4))  # Perceiver-style learned queries: 2-D, no decay
+        self.attn_gate = nn.Parameter(torch.zeros(()))
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+
+def test_optimizer_decays_exactly_the_matrices():
+    opt = configure_optimizer(Toy(), lr=1e-3, weight_decay=0.1)
+    decay, keep = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and keep["weight_decay"] == 0.0
+    assert decay["names"] == ["proj.weight"]
+    assert sorted(keep["names"]) == ["attn_gate", "latents", "ln.bias", "ln.weight", "proj.bias"]
+    assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_optimizer_no_decay_names_and_tied_gpt():
+    gpt = GPT(LMConfig(n_layer=2, n_head=2, d_model=8, vocab_size=11, context_length=8))
+    opt = configure_optimizer(gpt, lr=1e-3, weight_decay=0.1)
+    decay, keep = opt.param_groups
+    # tied lm_head/wte appear once; every Linear weight decays, no bias or LayerNorm does
+    expected = {"wte.weight"} | {f"blocks.{i}.{m}.weight" for i in range(2)
+                                 for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert set(decay["names"]) == expected
+    assert all(n.endswith(".bias") or ".ln_" in n or n.startswith("ln_f") for n in keep["names"])
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_opt == gpt.num_params()
+    # the Flamingo stage exempts the whole resampler (paper App. B.1.2)
+    opt = configure_optimizer(gpt, lr=1e-3, weight_decay=0.1, no_decay=("blocks.1",))
+    assert not any(n.startswith("blocks.1") for n in opt.param_groups[0]["names"])
+
+
+def test_optimizer_accepts_bare_params():
+    lin = nn.Linear(3, 2)
+    opt = configure_optimizer(lin.parameters(), lr=1e-3, weight_decay=0.1)
+    assert [p.shape for p in opt.param_groups[0]["params"]] == [(2, 3)]
+    assert [p.shape for p in opt.param_groups[1]["params"]] == [(2,)]
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    state = {"model": {"w": torch.arange(6.0).view(2, 3)}, "config": {"n_layer": 2, "pos": "rope"}, "step": 7}
+    save_checkpoint(tmp_path / "sub" / "x.pt", state)
+    back = load_checkpoint(tmp_path / "sub" / "x.pt")
+    assert back["step"] == 7 and back["config"] == state["config"]
+    assert torch.equal(back["model"]["w"], state["model"]["w"])
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.pt"], "temp file left behind"
+
+
+def test_interrupted_save_keeps_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "lm.pt"
+    save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+
+    def dying_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")  # some bytes reach the temp file, then the crash
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["lm.pt"], "partial temp file left behind"
+    old = load_checkpoint(path)
+    assert old["step"] == 1 and torch.equal(old["w"], torch.ones(3))
+
+
+def test_missing_truncated_corrupt_checkpoints_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.pt not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    path = tmp_path / "lm.pt"
+    save_checkpoint(path, {"w": torch.randn(100, 100)})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"lm\.pt is truncated or corrupt"):
+        load_checkpoint(path)
+    path.write_bytes(b"this is not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=r"lm\.pt is truncated or corrupt"):
+        load_checkpoint(path)
+    torch.save(torch.ones(2), path)
+    with pytest.raises(CheckpointError, match=r"lm\.pt holds a Tensor, expected a dict"):
+        load_checkpoint(path)
+
+
+def test_jsonl_logger_appends(tmp_path):
+    path = tmp_path / "run" / "log.jsonl"
+    with JsonlLogger(path) as log:
+        log.log(step=1, loss=torch.tensor(2.5).item())
+        log.log({"step": 2}, lr=0.1)
+    with JsonlLogger(path) as log:  # a resumed run appends
+        log.log(step=3, loss=1.0)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows == [{"step": 1, "loss": 2.5}, {"step": 2, "lr": 0.1}, {"step": 3, "loss": 1.0}]
+
+
+def test_progress_prints_every_n_steps_when_not_a_tty():
+    out = io.StringIO()
+    p = Progress(total=10, every=4, stream=out)
+    for step in range(1, 11):
+        line = p.update(step, loss=1.0 / step, tokens=100)
+    p.close()
+    printed = out.getvalue().splitlines()
+    assert [s.split(" | ")[0] for s in printed] == ["step 1/10", "step 4/10", "step 8/10", "step 10/10"]
+    assert "loss 0.1000" in line and "tok/s" in line and "ETA" in line and "\r" not in out.getvalue()
+
+
+def test_seed_everything_repeats():
+    seed_everything(3)
+    a = torch.rand(3)
+    seed_everything(3)
+    assert torch.equal(a, torch.rand(3))
