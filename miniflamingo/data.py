@@ -1,0 +1,339 @@
+"""The interleaved data pipeline: aligned documents -> token ids with `<image>` -> padded batches.
+
+Notable features
+- One path for every dataset (paper App. A.3): an interleaved document, an image-text pair and a
+  video-text pair are all aligned lists {texts, images}; a pair is just the document [media, caption].
+- Row layout: `<image>` where each media sits, `<|endofchunk|>` (EOC) before every `<image>` that does
+  not open the row and at the end (paper A.3.1), so EOC ends each media's text. A pair becomes
+  `<image>{caption}<|endofchunk|>`. Data text goes through `encode_ordinary`: a literal "<image>" typed
+  in a caption stays text; only this module puts special ids in.
+- p_next image-placement augmentation (paper A.3.2): each run of text between two media attends to the
+  media after it with probability p_next, else to the one before it. A run with no media on its chosen
+  side keeps its place: text before the first media then sees no media (phi = 0), text after the last
+  media sees the last one. So p_next = 0 keeps the document's order,
+  `T0 EOC <image>1 T1 EOC <image>2 T2 EOC`, and p_next = 1 gives `<image>1 T0 EOC <image>2 T1 T2 EOC`.
+- Random `seq_len`-token subsequences keeping the first `max_media` media (paper: 256 tokens, 5 media):
+  the row is cut just before the (max_media+1)-th `<image>`, so every `<image>` in a row has its media
+  and a media never appears without its `<image>`.
+- Targets are next tokens, -100 where no loss applies: padding, `<image>` as a target (which image
+  comes next is not the model's to predict), and every position before the row's first `<image>`
+  (phi = 0). Our xattn layers are the identity there (flamingo.py), so those predictions are exactly the
+  frozen LM's: their loss has no gradient and would only dilute the mean and make the loss read higher.
+  A row without any `<image>` therefore has no target at all.
+- A mixture sampler gives one batch per dataset per step with its weight lambda_m (paper 2.4: 1.0 / 0.2
+  / 0.2 / 0.03, gradients accumulated over all datasets); batch `step` is a pure function of
+  (seed, step, rank), so a resumed run sees the same data; ranks read disjoint shards.
+- Media may be pixels (uint8 images (H, W, 3) or videos (F, H, W, 3)) or features from the frozen
+  vision encoder (float (F, S, Dv)), cached once with `DocumentDataset.with_features` since the
+  encoder does not change during Flamingo training.
+
+Shapes: B batch, T media slots per row, F frames, S grid cells, L text length, Dv feature width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and line (or the document) it comes from."""
+
+
+# ----------------------------------------------------------------------------- media
+
+
+def media_to_tensor(m) -> torch.Tensor:
+    """uint8 image (H, W, 3) -> (1, 3, H, W) float in [0, 1]; uint8 video (F, H, W, 3) -> (F, 3, H, W);
+    a float tensor (F, S, Dv) of pre-encoded features passes through."""
+    if isinstance(m, torch.Tensor) and m.is_floating_point():
+        if m.dim() != 3:
+            raise ValueError(f"expected pre-encoded media features (F, S, Dv), got {tuple(m.shape)}")
+        return m
+    x = torch.as_tensor(np.asarray(m))
+    if x.dtype != torch.uint8 or x.dim() not in (3, 4) or x.shape[-1] != 3:
+        raise ValueError(f"expected uint8 image (H, W, 3) or video (F, H, W, 3), "
+                         f"got {x.dtype} {tuple(x.shape)}")
+    if x.dim() == 3:
+        x = x[None]  # an image is a one-frame video: (1, H, W, 3)
+    return x.permute(0, 3, 1, 2).float().div_(255)  # (F, 3, H, W)
+
+
+# ----------------------------------------------------------------------------- documents -> tokens
+
+
+def check_document(texts, images, where: str) -> None:
+    """OBELICS/MMC4-style aligned lists: same length, exactly one of texts[i], images[i] set."""
+    if not isinstance(texts, list) or not isinstance(images, list):
+        raise DataError(f"{where}: expected lists 'texts' and 'images', got {type(texts).__name__} and "
+                        f"{type(images).__name__}")
+    if len(texts) != len(images):
+        raise DataError(f"{where}: 'texts' has {len(texts)} entries but 'images' has {len(images)}")
+    if not texts:
+        raise DataError(f"{where}: empty document")
+    for i, (t, m) in enumerate(zip(texts, images)):
+        if (t is None) == (m is None):
+            state = "both" if t is not None else "neither"
+            raise DataError(f"{where}: at position {i} {state} of texts[{i}] and images[{i}] are set "
+                            f"(exactly one must be)")
+        if t is not None and not isinstance(t, str):
+            raise DataError(f"{where}: texts[{i}] must be a string or null, got {type(t).__name__}")
+
+
+def place_images(texts: list[list[int] | None], media: list, special, p_next: float = 0.0,
+                 rng: np.random.Generator | None = None, sep: list[int] = ()) -> tuple[list[int], list]:
+    """Aligned lists of already-encoded texts and media -> (ids, media in `<image>` order).
+
+    Consecutive text entries form one run, joined by `sep`. Each run goes to the media after it with
+    probability p_next, else to the media before it (paper A.3.2); see the module docstring for runs
+    that have no media on their chosen side.
+    """
+    if 0.0 < p_next < 1.0 and rng is None:
+        raise ValueError("place_images: 0 < p_next < 1 needs an rng")
+    runs: list[list[int]] = [[]]  # runs[k]: text between media k-1 and k (runs[0] before the first)
+    out_media = []
+    for t, m in zip(texts, media):
+        if m is not None:
+            out_media.append(m)
+            runs.append([])
+        else:
+            runs[-1] += (list(sep) if runs[-1] else []) + t
+    K = len(out_media)
+    lead: list[int] = []
+    chunks: list[list[int]] = [[] for _ in range(K)]  # chunks[k]: text attending to media k
+    for k, run in enumerate(runs):
+        if not run:
+            continue
+        nxt = p_next >= 1.0 or (p_next > 0.0 and rng.random() < p_next)
+        if k == 0 and (not nxt or K == 0):
+            lead = run  # before the first media: sees no media
+            continue
+        target = k if (nxt and k < K) else k - 1  # 0-based media index; the last run can only look back
+        chunks[target] += (list(sep) if chunks[target] else []) + run
+    ids = list(lead)
+    for chunk in chunks:
+        if ids:
+            ids.append(special.eoc_id)  # paper A.3.1: EOC before each image ...
+        ids += [special.image_id] + chunk
+    if ids:
+        ids.append(special.eoc_id)  # ... and at the end of the document
+    return ids, out_media
+
+
+def document_to_tokens(texts: list[str | None], images: list, tok, p_next: float = 0.0,
+                       rng: np.random.Generator | None = None,
+                       where: str = "document") -> tuple[list[int], list]:
+    """An aligned document {texts, images} -> (ids, media); see place_images for p_next."""
+    check_document(texts, images, where)
+    encoded = [tok.encode_ordinary(t) if t is not None else None for t in texts]
+    return place_images(encoded, images, tok, p_next, rng, sep=tok.encode_ordinary("\n"))
+
+
+def pairs_to_tokens(captions: list[str], media: list, tok) -> tuple[list[int], list]:
+    """Image- or video-text pairs -> `<image>{caption}<|endofchunk|>` for each pair, in one row
+    (one pair per row is the paper's ALIGN/LTIP/VTP setting)."""
+    if len(captions) != len(media):
+        raise ValueError(f"pairs_to_tokens: {len(captions)} captions but {len(media)} media")
+    ids: list[int] = []
+    for caption, _ in zip(captions, media):
+        ids += [tok.image_id] + tok.encode_ordinary(caption) + [tok.eoc_id]
+    return ids, list(media)
+
+
+# ----------------------------------------------------------------------------- subsequences
+
+
+def sample_subsequence(ids: list[int], media: list, seq_len: int, max_media: int,
+                       rng: np.random.Generator, image_id: int) -> tuple[list[int], list]:
+    """A random window of seq_len + 1 tokens (seq_len inputs, each with its next token) keeping at most
+    max_media media (paper A.3: 256 tokens, the first 5 images)."""
+    if seq_len < 1 or max_media < 1:
+        raise ValueError(f"need seq_len >= 1 and max_media >= 1, got {seq_len} and {max_media}")
+    n = len(ids)
+    start = int(rng.integers(0, n - seq_len)) if n > seq_len + 1 else 0
+    end = min(n, start + seq_len + 1)
+    image_pos = [i for i, t in enumerate(ids) if t == image_id]
+    first = sum(p < start for p in image_pos)  # media whose <image> lies before the window
+    inside = [p for p in image_pos if start <= p < end - 1]  # <image> as an input token
+    if len(inside) > max_media:
+        end = inside[max_media]  # cut before the first <image> over the limit; an EOC precedes it
+        inside = inside[:max_media]
+    return ids[start:end], media[first:first + len(inside)]
+
+
+# ----------------------------------------------------------------------------- collate
+
+
+def collate(rows: list[tuple[list[int], list]], special, seq_len: int | None = None,
+            max_media: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Rows (ids, media) -> input_ids (B, L) long, media (B, T, F, 3, H, W) float32 in [0, 1] (or
+    features (B, T, F, S, Dv)), targets (B, L) long.
+
+    Inputs are ids[:-1], targets ids[1:], -100 on padding, on `<image>` as a target and before the
+    first `<image>` (phi = 0). L = seq_len, or the longest row; padding is eot_id. T = max_media, or
+    the most media in a row; slot j of row i holds the media of its (j+1)-th `<image>`; empty slots are
+    zeros. F = the most frames in the batch; a media with fewer frames repeats its last frame (an image
+    becomes a still video). media is None when no row has media.
+    `special` is anything with .image_id and .eot_id: a Tokenizer or a FlamingoConfig.
+    """
+    B = len(rows)
+    L = seq_len or max(len(ids) - 1 for ids, _ in rows)
+    T = max_media if max_media is not None else max(len(m) for _, m in rows)
+    input_ids = torch.full((B, L), special.eot_id, dtype=torch.long)
+    targets = torch.full((B, L), -100, dtype=torch.long)
+    tensors = [[media_to_tensor(m) for m in ms] for _, ms in rows]
+    for i, (ids, ms) in enumerate(rows):
+        n = len(ids) - 1
+        if n < 1 or n > L:
+            raise ValueError(f"row {i} has {n} input tokens; expected 1..{L} (seq_len / context length)")
+        x = torch.tensor(ids, dtype=torch.long)
+        n_images = int((x[:-1] == special.image_id).sum())
+        if n_images != len(ms) or len(ms) > T:
+            raise ValueError(f"row {i} has {n_images} <image> tokens and {len(ms)} media for {T} slots; "
+                             f"each <image> needs exactly one media and a slot")
+        input_ids[i, :n] = x[:-1]
+        no_loss = (x[1:] == special.image_id) | ((x[:-1] == special.image_id).cumsum(0) == 0)  # phi(t) = 0
+        targets[i, :n] = torch.where(no_loss, -100, x[1:])
+    shapes = {tuple(t.shape[1:]) for ts in tensors for t in ts}
+    if not shapes:
+        return input_ids, None, targets
+    if len(shapes) > 1:
+        raise ValueError(f"media in one batch must share their per-frame shape, got {sorted(shapes)}")
+    F = max(t.shape[0] for ts in tensors for t in ts)
+    media = torch.zeros(B, T, F, *shapes.pop())  # (B, T, F, 3, H, W) or (B, T, F, S, Dv)
+    for i, ts in enumerate(tensors):
+        for j, t in enumerate(ts):
+            media[i, j, : t.shape[0]] = t
+            media[i, j, t.shape[0]:] = t[-1]  # pad frames by repeating the last one
+    return input_ids, media, targets
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class DocumentDataset:
+    """Documents tokenized once (text entries encoded, media kept as given); `row` assembles one
+    training row with fresh randomness (placement, window) each time it is drawn."""
+
+    def __init__(self, texts: list[list[list[int] | None]], media: list[list], special, sep: list[int]):
+        self.texts, self.media, self.special, self.sep = texts, media, special, list(sep)
+
+    @classmethod
+    def from_documents(cls, documents: list[dict], tok) -> DocumentDataset:
+        """[{"texts": [str|None, ...], "images": [media|None, ...]}, ...], as World.documents and
+        read_interleaved give them."""
+        texts, media = [], []
+        for d, doc in enumerate(documents):
+            check_document(doc["texts"], doc["images"], where=f"document {d}")
+            texts.append([tok.encode_ordinary(t) if t is not None else None for t in doc["texts"]])
+            media.append(list(doc["images"]))
+        return cls(texts, media, tok, tok.encode_ordinary("\n"))
+
+    @classmethod
+    def from_pairs(cls, pairs: list[dict], tok) -> DocumentDataset:
+        """[{"image" or "video": media, "caption": str}, ...] -> one row each,
+        `<image>{caption}<|endofchunk|>`."""
+        docs = []
+        for p, pair in enumerate(pairs):
+            m = pair.get("image", pair.get("video"))
+            if m is None or not isinstance(pair.get("caption"), str):
+                raise DataError(f"pair {p}: expected keys 'image' or 'video', and 'caption' (str)")
+            docs.append({"texts": [None, pair["caption"]], "images": [m, None]})
+        return cls.from_documents(docs, tok)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def row(self, i: int, rng: np.random.Generator, seq_len: int = 256, max_media: int = 5,
+            p_next: float = 0.0) -> tuple[list[int], list]:
+        ids, media = place_images(self.texts[i], self.media[i], self.special, p_next, rng, self.sep)
+        return sample_subsequence(ids, media, seq_len, max_media, rng, self.special.image_id)
+
+    @torch.no_grad()
+    def with_features(self, encoder, batch_size: int = 256) -> DocumentDataset:
+        """The same documents with every media replaced by its frozen-encoder features (F, S, Dv), so
+        training skips the vision encoder. All media must share one (H, W)."""
+        flat = [(d, i, m) for d, ms in enumerate(self.media) for i, m in enumerate(ms) if m is not None]
+        media = [list(ms) for ms in self.media]
+        for k in range(0, len(flat), batch_size):
+            part = flat[k:k + batch_size]
+            frames = [media_to_tensor(m) for _, _, m in part]  # each (F, 3, H, W)
+            feats = encoder(torch.cat(frames))  # (sum of F, S, Dv): frames are encoded independently
+            for (d, i, _), f in zip(part, feats.split([t.shape[0] for t in frames])):
+                media[d][i] = f  # (F, S, Dv)
+        return DocumentDataset(self.texts, media, self.special, self.sep)
+
+
+# ----------------------------------------------------------------------------- the mixture
+
+
+@dataclass
+class Source:
+    """One dataset of the mixture, with its loss weight lambda_m (paper 2.4) and row settings."""
+
+    name: str
+    data: DocumentDataset
+    weight: float
+    batch_size: int
+    seq_len: int = 256  # paper A.3: 256-token subsequences
+    max_media: int = 5  # paper A.3: the first 5 images
+    # paper A.3.2: 0.5 for web pages (M3W), whose text may describe the image before or after it. Keep 0
+    # for data whose text always follows its image, like the synthetic world: there 0.5 would pair half
+    # the captions with the wrong image. Pairs are unaffected by it.
+    p_next: float = 0.0
+
+
+class MixtureBatch(NamedTuple):
+    name: str
+    weight: float  # lambda_m: the training loop adds weight * loss for this batch
+    input_ids: torch.Tensor  # (B, L)
+    media: torch.Tensor | None  # (B, T, F, 3, H, W) or features (B, T, F, S, Dv)
+    targets: torch.Tensor  # (B, L)
+
+
+class MixtureSampler:
+    """One batch per dataset per step (paper 2.4: accumulate gradients over all datasets; round-robin
+    was worse). Batch `step` depends only on (seed, step, rank): each epoch is a seeded permutation,
+    rank r takes its positions r, r + world_size, ... (disjoint shards of equal size)."""
+
+    def __init__(self, sources: list[Source], seed: int = 0, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        for s in sources:
+            if len(s.data) < world_size:
+                raise ValueError(f"source {s.name!r} has {len(s.data)} items, fewer than {world_size} ranks")
+        self.sources, self.seed, self.rank, self.world_size = sources, seed, rank, world_size
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def indices(self, m: int, step: int) -> list[int]:
+        """The items of source m that this rank reads at `step`."""
+        src = self.sources[m]
+        shard = len(src.data) // self.world_size  # per rank per epoch; the remainder rotates with the perm
+        out = []
+        for pos in range(step * src.batch_size, (step + 1) * src.batch_size):
+            epoch, offset = divmod(pos, shard)
+            if (m, epoch) not in self._perms:
+                self._perms = {k: v for k, v in self._perms.items() if k[0] != m}  # keep one epoch per source
+                rng = np.random.default_rng([self.seed, m, epoch])
+                self._perms[m, epoch] = rng.permutation(len(src.data))
+            out.append(int(self._perms[m, epoch][self.rank + offset * self.world_size]))
+        return out
+
+    def batch(self, step: int) -> list[MixtureBatch]:
+        out = []
+        for m, src in enumerate(self.sources):
+            rng = np.random.default_rng([self.seed, m, step, self.rank, 1])
+            rows = [src.data.row(i, rng, src.seq_len, src.max_media, src.p_next)
+                    for i in self.indices(m, step)]
+            x, media, y = collate(rows, src.data.special)
+            out.append(MixtureBatch(src.name, src.weight, x, media, y))
+        return out
+
+    def __iter__(self):
+        step = 0
+        while True:
+            yield self.batch(step)
+            step += 1
