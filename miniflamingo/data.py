@@ -168,15 +168,17 @@ def sample_subsequence(ids: list[int], media: list, seq_len: int, max_media: int
 
 
 def collate(rows: list[tuple[list[int], list]], special, seq_len: int | None = None,
-            max_media: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+            max_media: int | None = None, return_frames: bool = False):
     """Rows (ids, media) -> input_ids (B, L) long, media (B, T, F, 3, H, W) float32 in [0, 1] (or
-    features (B, T, F, S, Dv)), targets (B, L) long.
+    features (B, T, F, S, Dv)), targets (B, L) long; with return_frames=True also frames (B, T) long.
 
     Inputs are ids[:-1], targets ids[1:], -100 on padding, on `<image>` as a target and before the
     first `<image>` (phi = 0). L = seq_len, or the longest row; padding is eot_id. T = max_media, or
     the most media in a row; slot j of row i holds the media of its (j+1)-th `<image>`; empty slots are
-    zeros. F = the most frames in the batch; a media with fewer frames repeats its last frame (an image
-    becomes a still video). media is None when no row has media.
+    zeros. F = the most frames in the batch; a media with fewer frames is padded with zero frames, and
+    frames[i, j] counts the real ones (0 for an empty slot), for the resampler to mask the padding out:
+    an image in a batch with a video must stay an image, not become a still video. media (and frames)
+    are None when no row has media.
     `special` is anything with .image_id and .eot_id: a Tokenizer or a FlamingoConfig.
     """
     B = len(rows)
@@ -198,17 +200,18 @@ def collate(rows: list[tuple[list[int], list]], special, seq_len: int | None = N
         no_loss = (x[1:] == special.image_id) | ((x[:-1] == special.image_id).cumsum(0) == 0)  # phi(t) = 0
         targets[i, :n] = torch.where(no_loss, -100, x[1:])
     shapes = {tuple(t.shape[1:]) for ts in tensors for t in ts}
-    if not shapes:
-        return input_ids, None, targets
+    media, frames = None, None
     if len(shapes) > 1:
         raise ValueError(f"media in one batch must share their per-frame shape, got {sorted(shapes)}")
-    F = max(t.shape[0] for ts in tensors for t in ts)
-    media = torch.zeros(B, T, F, *shapes.pop())  # (B, T, F, 3, H, W) or (B, T, F, S, Dv)
-    for i, ts in enumerate(tensors):
-        for j, t in enumerate(ts):
-            media[i, j, : t.shape[0]] = t
-            media[i, j, t.shape[0]:] = t[-1]  # pad frames by repeating the last one
-    return input_ids, media, targets
+    if shapes:
+        F = max(t.shape[0] for ts in tensors for t in ts)
+        media = torch.zeros(B, T, F, *shapes.pop())  # (B, T, F, 3, H, W) or (B, T, F, S, Dv)
+        frames = torch.zeros(B, T, dtype=torch.long)  # (B, T) real frames per slot
+        for i, ts in enumerate(tensors):
+            for j, t in enumerate(ts):
+                media[i, j, : t.shape[0]] = t  # frames past t.shape[0] stay zero: padding
+                frames[i, j] = t.shape[0]
+    return (input_ids, media, targets, frames) if return_frames else (input_ids, media, targets)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -292,6 +295,7 @@ class MixtureBatch(NamedTuple):
     input_ids: torch.Tensor  # (B, L)
     media: torch.Tensor | None  # (B, T, F, 3, H, W) or features (B, T, F, S, Dv)
     targets: torch.Tensor  # (B, L)
+    frames: torch.Tensor | None = None  # (B, T) real frames per media slot, for the resampler's mask
 
 
 class MixtureSampler:
@@ -328,8 +332,8 @@ class MixtureSampler:
             rng = np.random.default_rng([self.seed, m, step, self.rank, 1])
             rows = [src.data.row(i, rng, src.seq_len, src.max_media, src.p_next)
                     for i in self.indices(m, step)]
-            x, media, y = collate(rows, src.data.special)
-            out.append(MixtureBatch(src.name, src.weight, x, media, y))
+            x, media, y, frames = collate(rows, src.data.special, return_frames=True)
+            out.append(MixtureBatch(src.name, src.weight, x, media, y, frames))
         return out
 
     def __iter__(self):

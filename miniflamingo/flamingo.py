@@ -90,18 +90,24 @@ class Flamingo(nn.Module):
         feats = self.vision(media.reshape(B * T * n_frames, C, H, W))  # (B*T*F, S, Dv)
         return feats.view(B, T, n_frames, *feats.shape[1:])  # (B, T, F, S, Dv)
 
-    def encode_media(self, media=None, *, vision_features=None) -> torch.Tensor:
-        """Pixels (B, T, F, C, H, W) or vision features (B, T, F, S, Dv) -> media latents (B, T, R, Dr)."""
+    def encode_media(self, media=None, *, vision_features=None, media_frames=None) -> torch.Tensor:
+        """Pixels (B, T, F, C, H, W) or vision features (B, T, F, S, Dv) -> media latents (B, T, R, Dr).
+        media_frames (B, T) long: real frames per media (the rest is padding, masked in the resampler), or
+        None: all F frames are real."""
         if vision_features is None:
             vision_features = self.encode_vision(media)
-        return self.resampler(vision_features)
+        return self.resampler(vision_features, media_frames)
 
-    def _media_latents(self, B, media, vision_features, media_latents) -> torch.Tensor | None:
+    def _media_latents(self, B, media, vision_features, media_latents,
+                       media_frames=None) -> torch.Tensor | None:
         given = [m is not None for m in (media, vision_features, media_latents)]
         if sum(given) > 1:
             raise ValueError("pass at most one of media, vision_features and media_latents")
+        if media_frames is not None and media_latents is not None:
+            raise ValueError("media_frames goes with media or vision_features, not with media_latents")
         if media_latents is None and sum(given):
-            media_latents = self.encode_media(media, vision_features=vision_features)
+            media_latents = self.encode_media(media, vision_features=vision_features,
+                                              media_frames=media_frames)
         if media_latents is not None:
             R, Dr = self.cfg.resampler.num_latents, self.cfg.resampler.d_model
             if media_latents.dim() != 4 or media_latents.shape[0] != B or media_latents.shape[2:] != (R, Dr):
@@ -150,14 +156,16 @@ class Flamingo(nn.Module):
         return phi
 
     def forward(self, input_ids, media=None, targets=None, *, attention_mask=None, vision_features=None,
-                media_latents=None):
+                media_latents=None, media_frames=None):
         """input_ids (B, L) long; media (B, T, F, C, H, W) in [0, 1] (or vision_features (B, T, F, S, Dv),
         or media_latents (B, T, R, Dr)); targets (B, L) with -100 = no loss; attention_mask (B, L) bool,
-        False on (left) padding. Returns logits (B, L, V) and the mean cross-entropy (None without targets).
+        False on (left) padding; media_frames (B, T) long, real frames per media when shorter media are
+        padded to F (data.collate(return_frames=True)), None = all real.
+        Returns logits (B, L, V) and the mean cross-entropy (None without targets).
         """
         self._check_ids(input_ids)
         attention_mask = None if attention_mask is None else attention_mask.bool()
-        latents = self._media_latents(input_ids.shape[0], media, vision_features, media_latents)
+        latents = self._media_latents(input_ids.shape[0], media, vision_features, media_latents, media_frames)
         phi = self._phi(input_ids, attention_mask, latents)
         return self.lm(inputs_embeds=self.embed(input_ids), targets=targets, key_mask=attention_mask,
                        before_block=self._xattn_hook(latents, phi))
@@ -259,11 +267,13 @@ class Flamingo(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, media=None, max_new_tokens: int = 20, num_beams: int = 1, *,
-                 attention_mask=None, vision_features=None, media_latents=None) -> torch.Tensor:
+                 attention_mask=None, vision_features=None, media_latents=None,
+                 media_frames=None) -> torch.Tensor:
         """Continue each prompt until <|endofchunk|> (kept in the output) or max_new_tokens.
 
         input_ids: (B, L) long, with optional attention_mask (B, L), False on LEFT padding; or a list of B id
-        lists of any lengths, which is left-padded here. Media as in `forward`, encoded and resampled once.
+        lists of any lengths, which is left-padded here. Media (and media_frames) as in `forward`, encoded
+        and resampled once.
         Returns (B, L + new) long: the (left-padded) prompts, then the new tokens; rows that finished early
         are padded on the right with <|endoftext|>. Left padding is exact: the LM's positions are relative
         (ALiBi/rotary), padded keys are masked out, and phi skips padding.
@@ -275,7 +285,8 @@ class Flamingo(nn.Module):
         if ids.shape[1] + max_new_tokens > self.cfg.lm.context_length:
             raise ValueError(f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
                              f"lm.context_length={self.cfg.lm.context_length}")
-        latents = self._media_latents(ids.shape[0], media, vision_features, media_latents)  # once
+        latents = self._media_latents(ids.shape[0], media, vision_features, media_latents,  # once
+                                      media_frames)
         self._phi(ids, mask, latents)
         if num_beams == 1:
             return self.greedy(ids, mask, latents, max_new_tokens)

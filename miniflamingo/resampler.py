@@ -7,6 +7,9 @@ Notable features
 - Video: learned temporal embeddings, one per frame, are added before the frames are flattened into one
   key/value set. A video with more frames than `max_frames` gets linearly interpolated temporal
   embeddings (paper App. B.1.2: trained with 8 frames, evaluated with 30).
+- Batches mixing images and videos: `frames` (B, T) gives each media's real-frame count; the keys of the
+  padded frames are masked out and each media's temporal embeddings follow its own count, so a media's
+  latents do not depend on how many frames the other media in the batch have (padding changes nothing).
 - No spatial position encoding (the paper saw no gain from it), so the output does not change when the
   S grid cells of a frame are permuted.
 - Squared-ReLU feed-forward (paper App. A.1.4, as in Primer), pre-LayerNorm everywhere, a final LayerNorm.
@@ -53,7 +56,10 @@ class PerceiverAttention(nn.Module):
         self.to_kv = nn.Linear(cfg.d_model, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, latents: torch.Tensor, key_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x (N, M, Dr) features, latents (N, R, Dr); key_mask (N, M + R) bool, True = a real key, or None
+        (all real). The latents' own keys are always real, so no query is left with nothing to attend to."""
         N, M, _ = x.shape  # M = F * S features of one media
         R = latents.shape[1]
         nh, hs = self.n_head, self.d_head
@@ -61,7 +67,8 @@ class PerceiverAttention(nn.Module):
         kv_in = torch.cat([self.norm_media(x), latents], dim=1)  # (N, M + R, Dr), paper: kv = concat(x_f, x)
         q = self.to_q(latents).view(N, R, nh, hs).transpose(1, 2)  # (N, nh, R, hs)
         k, v = self.to_kv(kv_in).view(N, M + R, 2, nh, hs).permute(2, 0, 3, 1, 4)  # (2, N, nh, M+R, hs)
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, nh, R, hs), no mask: every latent sees all
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (N, 1, 1, M+R): all queries alike
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, nh, R, hs)
         return self.to_out(out.transpose(1, 2).reshape(N, R, nh * hs))  # (N, R, Dr)
 
 
@@ -71,8 +78,9 @@ class ResamplerLayer(nn.Module):
         self.attn = PerceiverAttention(cfg)
         self.ffw = FeedForward(cfg.d_model, cfg.ff_mult)
 
-    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        latents = latents + self.attn(x, latents)  # paper Fig. 3: x = x + attention_i(q=x, kv=[x_f, x])
+    def forward(self, x: torch.Tensor, latents: torch.Tensor, key_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        latents = latents + self.attn(x, latents, key_mask)  # paper Fig. 3: x = x + attention_i(x, [x_f, x])
         return latents + self.ffw(latents)  # x = x + ffw_i(x)
 
 
@@ -94,26 +102,55 @@ class PerceiverResampler(nn.Module):
             nn.init.normal_(self.latents)  # unit scale, as in open_flamingo; LayerNorm follows anyway
             nn.init.normal_(self.time_embeddings)
 
-    def frame_embeddings(self, n_frames: int) -> torch.Tensor:
-        """(n_frames, Dr) temporal embeddings. Up to max_frames: the first n_frames learned ones (an image
-        is frame 0). Beyond: the learned ones linearly interpolated over n_frames (paper App. B.1.2)."""
+    def media_frame_embeddings(self, frames: torch.Tensor, n_slots: int) -> torch.Tensor:
+        """(N,) real-frame counts -> (N, n_slots, Dr) temporal embeddings, each media by its own count.
+        Up to max_frames frames: the first n learned ones (an image is frame 0). Beyond: the learned ones
+        linearly interpolated over the n frames (paper App. B.1.2), as F.interpolate(align_corners=True)
+        would. Slots past a media's n frames are padding; they get the last learned one and are masked."""
         emb = self.time_embeddings  # (max_frames, Dr)
-        if n_frames <= emb.shape[0]:
-            return emb[:n_frames]
-        stretched = F.interpolate(emb.T[None], size=n_frames, mode="linear", align_corners=True)  # (1, Dr, F)
-        return stretched[0].T  # (F, Dr)
+        last = emb.shape[0] - 1
+        f = torch.arange(n_slots, device=emb.device, dtype=torch.float32)  # (F,), positions in float32
+        n = frames.to(emb.device, torch.float32).clamp(min=2)[:, None]  # (N, 1); n - 1 > 0 below
+        stretch = torch.where(n - 1 > last, last / (n - 1), 1.0)  # (N, 1), 1 = the learned ones as they are
+        pos = (f * stretch).clamp(max=last)  # (N, F): where each frame sits in the learned table
+        lo = pos.floor().long()  # (N, F)
+        hi = (lo + 1).clamp(max=last)
+        w = (pos - lo)[..., None].to(emb.dtype)  # (N, F, 1); 0 gives emb[lo] exactly
+        return torch.lerp(emb[lo], emb[hi], w)  # (N, F, Dr)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def frame_embeddings(self, n_frames: int) -> torch.Tensor:
+        """(n_frames, Dr) temporal embeddings of a media with n_frames real frames."""
+        frames = torch.tensor([n_frames], device=self.time_embeddings.device)
+        return self.media_frame_embeddings(frames, n_frames)[0]  # (F, Dr)
+
+    def forward(self, x: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, F, S, Dv) features; frames (B, T) long, the number of real frames of each media (the
+        first ones; the rest are padding, 0 = an empty slot), or None: all F frames are real."""
         if x.dim() != 5 or x.shape[-1] != self.d_media:
             raise ValueError(
                 f"expected vision features (B, T, F, S, Dv={self.d_media}), got {tuple(x.shape)}"
             )
         B, T, n_frames, S, _ = x.shape
         R, D = self.cfg.num_latents, self.cfg.d_model
+        if frames is not None:
+            if frames.shape != (B, T) or frames.dtype != torch.long:
+                raise ValueError(f"expected frames (B={B}, T={T}) long, got {frames.dtype} "
+                                 f"{tuple(frames.shape)}")
+            if not frames.is_meta and frames.numel() and (frames.min() < 0 or frames.max() > n_frames):
+                raise ValueError(f"frames must be real-frame counts in [0, F={n_frames}], got "
+                                 f"{int(frames.min())}..{int(frames.max())}")
         x = self.proj(x)  # (B, T, F, S, Dr)
-        x = x + self.frame_embeddings(n_frames)[:, None, :]  # (F, 1, Dr) broadcast over the S cells
+        if frames is None:
+            x = x + self.frame_embeddings(n_frames)[:, None, :]  # (F, 1, Dr) broadcast over the S cells
+            key_mask = None
+        else:
+            emb = self.media_frame_embeddings(frames.reshape(B * T), n_frames)  # (N, F, Dr)
+            x = x + emb.view(B, T, n_frames, 1, D)  # (B, T, F, 1, Dr) broadcast over the S cells
+            real = torch.arange(n_frames, device=x.device) < frames.reshape(B * T, 1).to(x.device)  # (N, F)
+            real = real[:, :, None].expand(B * T, n_frames, S).reshape(B * T, n_frames * S)  # (N, F*S)
+            key_mask = torch.cat([real, real.new_ones(B * T, R)], dim=1)  # (N, F*S + R): latents always real
         x = x.reshape(B * T, n_frames * S, D)  # (N, F*S, Dr): all frames of a media in one key/value set
         latents = self.latents.expand(B * T, R, D)  # (N, R, Dr)
         for layer in self.layers:
-            latents = layer(x, latents)
+            latents = layer(x, latents, key_mask)
         return self.norm(latents).view(B, T, R, D)  # (B, T, R, Dr)

@@ -179,13 +179,23 @@ def test_batch_slots_match_image_tokens_and_targets(docs, seq_len, max_media, p_
     data = DocumentDataset.from_documents(docs, TOK)
     rng = np.random.default_rng(seed)
     rows = [data.row(i, rng, seq_len, max_media, p_next) for i in range(len(data))]
-    x, media, y = collate(rows, TOK)
+    x, media, y, frames = collate(rows, TOK, return_frames=True)
+    x3, media3, y3 = collate(rows, TOK)  # the 3-value form callers already use: the same tensors
+    assert torch.equal(x, x3) and torch.equal(y, y3)
+    assert media is media3 is None or torch.equal(media, media3)
     B, L = x.shape
     assert y.shape == (B, L) and x.dtype == y.dtype == torch.long
     n_images = (x == IMG).sum(1)
     if media is None:
-        assert n_images.sum() == 0
+        assert n_images.sum() == 0 and frames is None
         return
+    # frames counts each slot's real frames (0 when empty); every frame past them is zero padding
+    expect_frames = [[media_to_tensor(m).shape[0] for m in ms] + [0] * (media.shape[1] - len(ms))
+                     for _, ms in rows]
+    assert frames.dtype == torch.long and frames.tolist() == expect_frames
+    real = torch.arange(media.shape[2]) < frames[..., None]  # (B, T, F)
+    assert (media[~real] == 0).all(), "padded frames and empty slots are zeros"
+    assert (media[real].flatten(1).amin(-1) > 0).all(), "tagged real frames are never zero"
     assert media.dtype == torch.float32 and media.shape[0] == B and media.shape[3:] == (3, 2, 2)
     filled = media.flatten(2).amax(-1) > 0  # (B, T): tagged media are never all zero
     for i in range(B):
@@ -208,10 +218,12 @@ def test_collate_videos_frames_and_fixed_sizes():
     video = np.arange(3 * 2 * 2 * 3, dtype=np.uint8).reshape(3, 2, 2, 3)  # (F, H, W, 3)
     assert torch.equal(media_to_tensor(video), torch.from_numpy(video).permute(0, 3, 1, 2).float() / 255)
     rows = [pairs_to_tokens(["a video"], [video], TOK), pairs_to_tokens(["an image"], [tagged_media(4)], TOK)]
-    x, media, y = collate(rows, TOK, seq_len=16, max_media=3)
+    x, media, y, frames = collate(rows, TOK, seq_len=16, max_media=3, return_frames=True)
     assert x.shape == y.shape == (2, 16) and media.shape == (2, 3, 3, 3, 2, 2)  # (B, T, F, 3, H, W)
     assert torch.equal(media[0, 0], media_to_tensor(video)) and media[:, 1:].abs().sum() == 0
-    assert (media[1, 0] == 5 / 255).all(), "an image in a video batch repeats as a still video"
+    # an image in a video batch stays an image: one real frame, then zero frames the resampler masks out
+    assert (media[1, 0, 0] == 5 / 255).all() and (media[1, 0, 1:] == 0).all()
+    assert frames.tolist() == [[3, 0, 0], [1, 0, 0]]
     with pytest.raises(ValueError, match="<image> tokens"):
         collate([(rows[0][0], [])], TOK)
     with pytest.raises(ValueError, match="input tokens"):
@@ -263,6 +275,7 @@ def test_mixture_yields_every_dataset_each_step_with_its_weight():
         assert [(b.name, b.weight, b.input_ids.shape[0]) for b in batches] == [
             ("interleaved", 1.0, 4), ("image_text", 0.2, 3), ("video_text", 0.03, 2)]
         assert batches[2].media.shape[2] == 3 and batches[1].media.shape[2] == 1  # F
+        assert (batches[2].frames == 3).all() and (batches[1].frames == 1).all()  # one media per pair
         assert batches[1].input_ids.shape[1] <= 8
 
 

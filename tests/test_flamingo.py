@@ -1,7 +1,7 @@
 """The Flamingo model: the properties of issue 5 drawn by hypothesis (closed gates = frozen LM, media
-causality, text before the first image, padding media, frozen parameters, the loss, cached greedy decoding
-against the full forward, too many <image> tokens), beam search against brute force, ragged batches of
-prompts, and shapes at the paper's widths."""
+causality, text before the first image, padding media and padded frames, frozen parameters, the loss,
+cached greedy decoding against the full forward, too many <image> tokens), beam search against brute
+force, ragged batches of prompts, and shapes at the paper's widths."""
 
 import dataclasses
 import itertools
@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import miniflamingo as mf
+from miniflamingo.data import collate
 from miniflamingo.flamingo import Flamingo
 from miniflamingo.xattn import compute_phi
 
@@ -120,6 +121,53 @@ def test_padding_media_slots_change_nothing(batch):
     assert torch.equal(m(ids, other)[0], logits)
     T_used = max(max(n_images), 1)
     torch.testing.assert_close(m(ids, media[:, :T_used])[0], logits, atol=1e-5, rtol=1e-5)
+
+
+@SETTINGS
+@given(batch=batches(), data=st.data())
+def test_other_rows_frame_counts_change_nothing(batch, data):
+    """Padding must not change any output: media of different lengths share one F, padded frames
+    (garbage here) are masked by media_frames, so each row's logits are what it gets in a batch of its own
+    padded only to its own longest media. max_frames = 2: counts of 3 interpolate the time embeddings."""
+    ids, media, n_images = batch
+    B, T, n_frames = media.shape[:3]
+    m = build()
+    frames = torch.zeros(B, T, dtype=torch.long)
+    for b, n in enumerate(n_images):
+        frames[b, :n] = torch.tensor(data.draw(st.lists(st.integers(1, n_frames), min_size=n, max_size=n)))
+    logits, _ = m(ids, media, media_frames=frames)
+    for b in range(B):
+        own = max(int(frames[b].max()), 1)
+        alone, _ = m(ids[b:b + 1], media[b:b + 1, :, :own], media_frames=frames[b:b + 1])
+        torch.testing.assert_close(logits[b:b + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_an_image_beside_a_video_stays_an_image():
+    """The original bug, end to end: collate padded an image to a video's F frames by repeating it, and
+    the resampler saw a still video, so an image row's logits depended on the other rows of the batch."""
+    m = build()
+    cfg, g = m.cfg, torch.Generator().manual_seed(1)
+
+    def pixels(*shape):
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).numpy()
+
+    image_rows = [([cfg.image_id, 5 + r, 7, 9, cfg.eoc_id], [pixels(IMAGE_SIZE, IMAGE_SIZE, 3)])
+                  for r in range(2)]
+    video_row = ([cfg.image_id, 6, 8, cfg.eoc_id, cfg.eoc_id], [pixels(6, IMAGE_SIZE, IMAGE_SIZE, 3)])
+    x1, media1, _, frames1 = collate(image_rows, cfg, return_frames=True)  # F = 1
+    x6, media6, _, frames6 = collate(image_rows + [video_row], cfg, return_frames=True)  # F = 6
+    assert media1.shape[2] == 1 and media6.shape[2] == 6 and frames6.tolist() == [[1], [1], [6]]
+    alone = m(x1, media1, media_frames=frames1)[0]
+    mixed = m(x6, media6, media_frames=frames6)[0][:2]
+    print(f"image rows, max |mixed batch - images only| = {(mixed - alone).abs().max().item():.1e}")
+    torch.testing.assert_close(mixed, alone, atol=1e-5, rtol=1e-5)
+    feats = m.encode_vision(media6)  # the training path: cached vision features
+    torch.testing.assert_close(m(x6, vision_features=feats, media_frames=frames6)[0][:2], alone,
+                               atol=1e-5, rtol=1e-5)
+    assert torch.equal(m.generate(x6, media6, 4, media_frames=frames6)[:2], m.generate(x1, media1, 4))
+    assert (m(x6, media6)[0][:2] - alone).abs().max() > 1e-4, "without media_frames the zero frames count"
+    with pytest.raises(ValueError, match="media_frames goes with media or vision_features"):
+        m(x1, media_latents=m.encode_media(media1), media_frames=frames1)
 
 
 def test_optimizer_step_leaves_frozen_parameters_alone():

@@ -1,5 +1,6 @@
 """Perceiver Resampler: an independent slow reference, shapes for any F and S, invariance to permuting a
-frame's grid cells, temporal embeddings (interpolated past max_frames), and the paper's parameter count."""
+frame's grid cells, temporal embeddings (interpolated past max_frames), padded frames masked out (a media's
+latents do not depend on the other media of the batch), and the paper's parameter count."""
 
 import math
 
@@ -91,6 +92,46 @@ def test_temporal_embeddings_interpolate_past_max_frames():
     assert m(torch.randn(1, 1, 9, 2, D_MEDIA)).shape == (1, 1, CFG.num_latents, CFG.d_model)
 
 
+def test_image_padded_beside_a_video_is_the_image_alone():
+    # The bug this guards: an image padded to a video's F frames (repeating its frame) was resampled as a
+    # still video, so its latents depended on what else was in the batch. Padded frames are now masked.
+    m = PerceiverResampler(CFG, d_media=D_MEDIA)
+    image, video = torch.randn(1, 1, 1, 5, D_MEDIA), torch.randn(1, 1, 6, 5, D_MEDIA)  # F = 1 and F = 6
+    padded = torch.cat([image, torch.zeros(1, 1, 5, 5, D_MEDIA)], dim=2)  # (1, 1, 6, S, Dv) zero frames
+    both = m(torch.cat([padded, video]), frames=torch.tensor([[1], [6]]))  # (2, 1, R, Dr)
+    for got, alone in ((both[0], m(image)[0]), (both[1], m(video)[0])):
+        diff = (got - alone).abs().max().item()
+        print(f"max |padded batch - alone| = {diff:.1e}")
+        torch.testing.assert_close(got, alone, atol=2e-6, rtol=1e-6)  # its message gives the max difference
+    assert (m(torch.cat([padded, video]))[0] - m(image)[0]).abs().max() > 1e-3, "without frames it differs"
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(B=st.integers(1, 2), T=st.integers(1, 3), n_frames=st.integers(1, 7), S=st.integers(1, 3),
+       data=st.data())
+def test_padded_frames_change_nothing(B, T, n_frames, S, data):
+    # Each media (n real frames, the rest garbage) must give what it gives alone with its n frames, also
+    # past max_frames = 4 where the temporal embeddings are interpolated over its own n. An empty slot
+    # (n = 0) gives the same latents whatever its contents.
+    m = PerceiverResampler(CFG, d_media=D_MEDIA)
+    counts = data.draw(st.lists(st.integers(0, n_frames), min_size=B * T, max_size=B * T))
+    frames = torch.tensor(counts).view(B, T)
+    x = torch.randn(B, T, n_frames, S, D_MEDIA) * 3  # padding frames are random, not zeros: never read
+    y = m(x, frames)
+    empty = m(torch.randn(1, 1, 1, S, D_MEDIA), torch.zeros(1, 1, dtype=torch.long))[0, 0]
+    for b in range(B):
+        for t in range(T):
+            n = int(frames[b, t])
+            alone = m(x[b:b + 1, t:t + 1, :n])[0, 0] if n else empty
+            torch.testing.assert_close(y[b, t], alone, atol=2e-6, rtol=1e-6)
+    if n_frames <= CFG.max_frames:  # against the slow reference too, one media at a time
+        for b, t in ((b, t) for b in range(B) for t in range(T) if frames[b, t] > 0):
+            ref = reference(m, x[b:b + 1, t:t + 1, : int(frames[b, t])])[0, 0]
+            torch.testing.assert_close(y[b, t], ref, atol=1e-5, rtol=1e-5)
+    full = torch.full((B, T), n_frames)
+    torch.testing.assert_close(m(x, full), m(x), atol=2e-6, rtol=1e-6)  # frames=None: all real
+
+
 def test_no_projection_when_widths_match():
     m = PerceiverResampler(CFG, d_media=CFG.d_model)
     assert isinstance(m.proj, torch.nn.Identity)
@@ -103,6 +144,10 @@ def test_bad_input_names_the_layout():
         m(torch.randn(2, 3, D_MEDIA))
     with pytest.raises(ValueError, match="Dv=12"):
         m(torch.randn(1, 1, 1, 3, D_MEDIA + 1))
+    with pytest.raises(ValueError, match=r"frames \(B=1, T=1\) long"):
+        m(torch.randn(1, 1, 2, 3, D_MEDIA), torch.tensor([2]))
+    with pytest.raises(ValueError, match=r"\[0, F=2\]"):
+        m(torch.randn(1, 1, 2, 3, D_MEDIA), torch.tensor([[3]]))
 
 
 def test_paper_resampler_has_194m_parameters():

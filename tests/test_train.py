@@ -1,0 +1,127 @@
+"""The Flamingo training stage: a run killed with SIGKILL and resumed ends where an uninterrupted run
+ends; two gloo processes compute what one process computes with the same global batch; a NaN loss
+stops the run naming the step, the dataset and the last good checkpoint."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import miniflamingo as mf
+from miniflamingo.lm import GPT
+from miniflamingo.trainutil import load_checkpoint, save_checkpoint
+from miniflamingo.vision import VisionEncoder
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--docs", "24", "--pairs", "16", "--videos", "8", "--batch-size", "4", "--pair-batch-size", "4",
+         "--video-batch-size", "2", "--warmup", "2", "--lr", "3e-3", "--log-every", "1"]
+
+
+def pretrained_stand_ins(run: Path) -> None:
+    """Stage-1/2 checkpoints in their real format, from random weights (the test is about stage 3)."""
+    cfg = mf.FlamingoConfig.preset("tiny")
+    torch.manual_seed(0)
+    save_checkpoint(run / "vision.pt", {"model": VisionEncoder(cfg.vision).state_dict(),
+                                        "config": dataclasses.asdict(cfg.vision)})
+    save_checkpoint(run / "lm.pt", {"model": GPT(cfg.lm).state_dict(), "config": dataclasses.asdict(cfg.lm)})
+
+
+def train(run: Path, *extra, nproc: int = 1, wait: bool = True):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "miniflamingo", "train"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", "29517", "-m", "miniflamingo", "train"]
+    cmd += ["--run-dir", str(run), *SMALL, *extra]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return r
+
+
+def trained_state(run: Path) -> dict:
+    state = load_checkpoint(run / "flamingo.pt")
+    return {k: v for k, v in state["model"].items() if not k.startswith(("vision.", "lm."))}
+
+
+def assert_same(a: dict, b: dict, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        diff = (a[k] - b[k]).abs().max().item()
+        assert diff <= atol, f"{k}: max diff {diff}"
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_ends_like_an_uninterrupted_run(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    for run in (full, killed):
+        pretrained_stand_ins(run)
+    r = train(full, "--steps", "8")
+    assert r.returncode == 0, r.stdout + r.stderr
+    # kill -9 as soon as a mid-run checkpoint exists, then resume from it
+    p = train(killed, "--steps", "8", "--save-every", "2", wait=False)
+    ckpt, t0 = killed / "flamingo.pt", time.time()
+    while not ckpt.exists() and p.poll() is None and time.time() - t0 < 240:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    step = load_checkpoint(ckpt)["step"]
+    assert step < 8, "the run finished before it could be killed; the test proves nothing"
+    r = train(killed, "--steps", "8")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"resuming from {ckpt} at step {step}" in r.stderr
+    assert_same(trained_state(full), trained_state(killed))
+    frozen_before = load_checkpoint(killed / "lm.pt")["model"]
+    frozen_after = {k[3:]: v for k, v in load_checkpoint(ckpt)["model"].items() if k.startswith("lm.")}
+    assert_same(frozen_before, frozen_after)  # the LM stayed frozen through training
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    for run in (one, two):
+        pretrained_stand_ins(run)
+    batch = ["--batch-size", "2", "--pair-batch-size", "2", "--video-batch-size", "1"]
+    r2 = train(two, "--steps", "3", *batch, "--device", "cpu", nproc=2)
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    double = ["--batch-size", "4", "--pair-batch-size", "4", "--video-batch-size", "2"]
+    r1 = train(one, "--steps", "3", *double)
+    assert r1.returncode == 0, r1.stdout + r1.stderr
+    assert "parameters identical across 2 ranks" in r2.stderr
+    # the same global batch: the same loss per dataset and the same (global) gradient norm at every step
+    logs = [[json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+            for run in (one, two)]
+    assert len(logs[0]) == len(logs[1]) == 3
+    for a, b in zip(*logs):
+        for key in ("loss_interleaved", "loss_image_text", "loss_video_text", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), f"step {a['step']} {key}: {a[key]} vs {b[key]}"
+    a, b = trained_state(one), trained_state(two)
+    assert_same(a, b, atol=1e-5)
+    assert any((v != 0).any() for k, v in a.items() if "gate" in k), "gates never moved: nothing was tested"
+
+
+def test_nan_loss_stops_naming_step_dataset_and_checkpoint(tmp_path, monkeypatch):
+    pretrained_stand_ins(tmp_path)
+    from miniflamingo import flamingo
+    from miniflamingo import train as train_mod
+
+    real = flamingo.Flamingo.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **kw):
+        logits, loss = real(self, *a, **kw)
+        calls["n"] += 1
+        return logits, (loss * float("nan") if calls["n"] > 4 else loss)  # step 2, second dataset
+
+    monkeypatch.setattr(flamingo.Flamingo, "forward", poisoned)
+    with pytest.raises(SystemExit, match=r"loss is nan at step 2 on the 'image_text' batch; last good "
+                                         r"checkpoint: .*flamingo\.pt \(step 1\)"):
+        train_mod.main(["--run", str(tmp_path), "--steps", "4", "--save-every", "1", *SMALL])
