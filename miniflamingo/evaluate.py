@@ -1,0 +1,410 @@
+"""Few-shot evaluation on the synthetic world (DESIGN.md 6, issue 7), the result table, and two commands:
+
+    python -m miniflamingo eval --run runs/demo --shots 0,4,8,16 [--rices] [--tasks vqa,captioning]
+    python -m miniflamingo ask --run runs/demo --image photo.jpg [--question Q] [--examples captions.jsonl]
+
+Notable features
+- The task suite, all on held-out data ("test" queries, "val" support pools): captioning (CIDEr-D), VQA
+  and video motion questions (VQA accuracy), questions about held-out attribute combinations, and fast
+  binding of made-up words: 2-way and 5-way, ambiguous (colour or shape?), and shapes never seen in any
+  training stage (accuracy, candidates ranked by log-likelihood).
+- Shots count support examples; for the N-way binding tasks they count examples per class (k, as in
+  Frozen), so 5-way k = 1 shows five images. Binding at k = 0 has no support: chance is expected.
+- Every cell (task x shots) also runs blind: the same prompts with every media zeroed.
+- A shot count whose prompts do not fit lm.context_length is skipped, reported as null in eval.json and
+  "-" in the table, never truncated.
+- eval.json: {"tasks": {name: {"metric", "unit", "shots": {"0": x, ...}, "blind": {"0": x, ...}}},
+  "settings": {...}, "samples": {name: {"4": [[prediction, answer], ...]}}}, raw metric values (the table
+  shows them x100, as the paper does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from miniflamingo import fewshot as fs
+from miniflamingo.config import FlamingoConfig
+from miniflamingo.data import DataError
+from miniflamingo.flamingo import Flamingo
+from miniflamingo.metrics import cider_d, vqa_accuracy
+from miniflamingo.readers import load_image
+from miniflamingo.tokenizer import Tokenizer
+from miniflamingo.trainutil import CheckpointError, load_checkpoint
+
+# ----------------------------------------------------------------------------- the tasks
+
+
+class Task(NamedTuple):
+    kind: str  # "open": generate, then score the text; "close": rank the candidates
+    metric: str  # "cider_d", "vqa_accuracy" or "accuracy"
+    per_class: bool = False  # shots count examples per class (k)
+    max_new_tokens: int = 0  # open-ended: the longest answer it may write (captions: up to 36 tokens)
+
+
+TASKS = {
+    "captioning": Task("open", "cider_d", max_new_tokens=40),
+    "vqa": Task("open", "vqa_accuracy", max_new_tokens=8),
+    "video_qa": Task("open", "vqa_accuracy", max_new_tokens=8),
+    "heldout_combos": Task("open", "vqa_accuracy", max_new_tokens=8),
+    "binding_2way": Task("close", "accuracy", per_class=True),
+    "binding_5way": Task("close", "accuracy", per_class=True),
+    "ambiguous": Task("close", "accuracy", per_class=True),
+    "novel_2way": Task("close", "accuracy", per_class=True),
+    "novel_5way": Task("close", "accuracy", per_class=True),
+}
+METRIC_NAMES = {"cider_d": "CIDEr-D", "vqa_accuracy": "VQA acc.", "accuracy": "accuracy"}
+DEFAULT_EPISODES = 32  # per cell: the whole suite takes about a minute on 2 CPU cores with the tiny preset
+N_SAMPLES = 3  # predictions kept per open-ended cell, to read what the model writes
+
+
+def open_items(world, name: str, n: int, split: str, seed: int) -> list[dict]:
+    """Queries ("test") or support pool ("val") of an open-ended task: [{"media", "question" (None for
+    captions), "answer", "references"}]. Held-out combinations take their support from ordinary colour
+    and shape questions, so the support never shows the query's combination."""
+    if name == "captioning":
+        return [{"media": x["image"], "question": None, "answer": x["caption"], "references": x["references"]}
+                for x in world.caption_set(n, split, seed)]
+    if name == "vqa" or (name == "heldout_combos" and split != "test"):
+        items = world.vqa_set(3 * n if name == "heldout_combos" else n, split, seed)
+        if name == "heldout_combos":
+            items = [x for x in items if x["kind"] in ("colour", "shape")][:n]
+    elif name == "video_qa":
+        items = [{**x, "image": x["video"]} for x in world.video_qa_set(n, split, seed)]
+    elif name == "heldout_combos":
+        items = world.heldout_combo_set(n, split, seed)
+    else:
+        raise ValueError(f"{name!r} is not an open-ended task")
+    return [{"media": x["image"], "question": x["question"], "answer": x["answer"],
+             "references": x["answers"]} for x in items]
+
+
+def item_shot(item: dict, with_answer: bool = True) -> fs.Shot:
+    answer = item["answer"] if with_answer else None
+    if item["question"] is None:
+        return fs.caption_shot(item["media"], answer)
+    return fs.vqa_shot(item["media"], item["question"], answer)
+
+
+def binding_episode(world, name: str, k: int, seed: int) -> dict:
+    if name == "ambiguous":
+        return world.ambiguous_episode(k, "test", seed)
+    n_way = 2 if name.endswith("2way") else 5
+    return world.binding_episode(n_way, k, novel=name.startswith("novel"), split="test", seed=seed)
+
+
+def score(metric: str, predictions: list[str], items: list[dict]) -> float:
+    if metric == "cider_d":
+        return cider_d(dict(enumerate(predictions)), {i: x["references"] for i, x in enumerate(items)})[0]
+    return float(np.mean([vqa_accuracy(p, x["references"]) for p, x in zip(predictions, items)]))
+
+
+# ----------------------------------------------------------------------------- one cell of the table
+
+
+def open_cell(model, tok, task: Task, queries, pool, n_shots: int, rng_key: list[int], features=None,
+              batch_size: int = 32) -> tuple[float | None, float | None, list[str]]:
+    """(metric, blind metric, predictions) with n_shots support examples per query; (None, None, [])
+    when the prompts do not fit the context. features: (query, pool) pooled features for RICES, or None."""
+    prompts = []
+    for i, query in enumerate(queries):
+        rng = np.random.default_rng([*rng_key, n_shots, i])
+        if n_shots == 0:  # two text-only examples (paper App. A.2)
+            support = fs.text_only([item_shot(pool[j]) for j in fs.random_support(len(pool), 2, rng)])
+        elif features is not None:  # RICES: most similar last
+            support = [item_shot(pool[j]) for j in fs.rices_support(features[0][i], features[1], n_shots)]
+        else:
+            support = [item_shot(pool[j]) for j in fs.random_support(len(pool), n_shots, rng)]
+        prompts.append(fs.build_prompt(tok, support, item_shot(query, with_answer=False)))
+    if max(len(p.ids) for p in prompts) + task.max_new_tokens > model.cfg.lm.context_length:
+        return None, None, []
+    predictions = fs.generate_answers(model, tok, prompts, task.max_new_tokens, batch_size=batch_size)
+    blind = fs.generate_answers(model, tok, prompts, task.max_new_tokens, blind=True, batch_size=batch_size)
+    return score(task.metric, predictions, queries), score(task.metric, blind, queries), predictions
+
+
+def close_cell(model, tok, episodes: list[dict], n_perm: int, seed: int,
+               batch_size: int = 32) -> tuple[float | None, float | None]:
+    """(accuracy, blind accuracy) of ranking each episode's candidate words; (None, None) if too long."""
+    images = [s["image"] for e in episodes for s in e["support"]] + [e["query"]["image"] for e in episodes]
+    features = iter(fs.vision_features(model, images))  # each image once, whatever the support orders
+    supports = [[fs.binding_shot(next(features), s["word"]) for s in e["support"]] for e in episodes]
+    queries = [fs.binding_shot(next(features)) for e in episodes]
+    candidates = [[fs.binding_shot(None, w).answer for w in e["candidates"]] for e in episodes]
+    longest = max(len(fs.build_prompt(tok, s, q).ids) for s, q in zip(supports, queries))
+    longest += max(len(fs.answer_ids(tok, a)) for c in candidates for a in c)
+    if longest > model.cfg.lm.context_length:
+        return None, None
+    answers = torch.tensor([e["candidates"].index(e["answer"]) for e in episodes])
+    out = []
+    for blind in (False, True):
+        scores = fs.ensemble_scores(model, tok, supports, queries, candidates, n_perm, seed, blind,
+                                    batch_size)  # (E, C)
+        out.append(float((scores.argmax(dim=1).cpu() == answers).float().mean()))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- the suite
+
+
+@torch.no_grad()
+def evaluate(model, tok, world, tasks=None, shots=(0, 4, 8, 16), episodes: int = DEFAULT_EPISODES,
+             rices: bool = False, seed: int = 0, *, k_shots=(0, 1, 2, 4), ensemble: int = 3,
+             pool_size: int = 64, batch_size: int = 32, log=None) -> dict:
+    """Run the task suite: {"tasks": {name: {"metric", "unit", "shots": {str(n): value or None},
+    "blind": {...}}}, "settings": {...}, "samples": {...}}. Open-ended tasks use `shots`, binding tasks
+    `k_shots` (per class). `episodes`: queries or episodes per cell; `ensemble`: support orders averaged
+    for binding; `rices`: open-ended support by similarity from a pool of `pool_size` "val" examples
+    (binding episodes come with their own support). `log`: a print-like callable for progress, or None."""
+    tasks = list(TASKS) if tasks is None else list(tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; choose from {list(TASKS)}")
+    if max(shots, default=0) > pool_size:
+        raise ValueError(f"{max(shots)} shots need a support pool of at least that size, got {pool_size}")
+    was_training = model.training
+    model.eval()
+    settings = {"episodes": episodes, "rices": rices, "seed": seed, "ensemble": ensemble,
+                "pool_size": pool_size, "world_seed": world.seed}
+    samples = {name: {} for name in tasks if TASKS[name].kind == "open"}  # [prediction, answer] pairs
+    results = {"tasks": {}, "settings": settings, "samples": samples}
+    for name in tasks:
+        task, t, start = TASKS[name], list(TASKS).index(name), time.perf_counter()
+        counts = list(k_shots if task.per_class else shots)
+        row = {"metric": task.metric, "unit": "shots per class" if task.per_class else "shots",
+               "shots": {}, "blind": {}}
+        if task.kind == "open":
+            queries = open_items(world, name, episodes, "test", seed)
+            pool = open_items(world, name, pool_size, "val", seed)
+            for items in (queries, pool):  # the frozen encoder sees each media once, not once per prompt
+                for x, f in zip(items, fs.vision_features(model, [x["media"] for x in items])):
+                    x["media"] = f  # (F, S, Dv)
+            features = None
+            if rices:
+                features = (fs.pooled([q["media"] for q in queries]), fs.pooled([p["media"] for p in pool]))
+        for n in counts:
+            if task.kind == "open":
+                value, blind, predictions = open_cell(model, tok, task, queries, pool, n, [seed, t], features,
+                                                      batch_size)
+                samples[name][str(n)] = [[p, q["answer"]] for p, q in zip(predictions[:N_SAMPLES], queries)]
+            elif name == "ambiguous" and n > 4:  # the world's ambiguous episodes have 0-4 examples per word
+                value, blind = None, None
+            else:
+                eps = [binding_episode(world, name, n, seed * 100_000 + i) for i in range(episodes)]
+                value, blind = close_cell(model, tok, eps, ensemble, seed, batch_size)
+            row["shots"][str(n)], row["blind"][str(n)] = value, blind
+        results["tasks"][name] = row
+        if log is not None:
+            log(f"eval {name}: {time.perf_counter() - start:.1f}s")
+    model.train(was_training)
+    return results
+
+
+def format_table(results: dict) -> str:
+    """Tasks by shot counts, each with its blind row; metrics x100 ("-": prompts too long, skipped)."""
+    lines, header = [], None
+    for name, row in results["tasks"].items():
+        keys = list(row["shots"])
+        head = (row["unit"], keys)
+        if head != header:
+            header = head
+            unit = "k per class" if row["unit"] == "shots per class" else "shots"
+            lines.append(f"{'task':<16}{'metric':<10}{unit:>12}" + "".join(f"{k:>8}" for k in keys))
+        for label, metric, values in ((name, METRIC_NAMES[row["metric"]], row["shots"]),
+                                      ("", "blind", row["blind"])):
+            cells = "".join("       -" if values[k] is None else f"{100 * values[k]:8.1f}" for k in keys)
+            lines.append(f"{label:<16}{metric:<10}{'':>12}{cells}")
+    return "\n".join(lines)
+
+
+def write_json(results: dict, path) -> None:
+    """Atomically: a temp file in the same folder, then a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def load_run(run_dir) -> tuple[Flamingo, FlamingoConfig]:
+    """DIR/flamingo.pt ({"model": state_dict, "config": FlamingoConfig.to_dict(), ...}) -> (model in eval
+    mode, cfg). Errors name the file: missing, unreadable, or weights that do not fit the config."""
+    path = Path(run_dir) / "flamingo.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint; train one first: python -m miniflamingo train "
+                                f"--run {run_dir}")
+    state = load_checkpoint(path)  # weights_only=True; a CheckpointError names the file if corrupt
+    if "model" not in state or "config" not in state:
+        raise CheckpointError(f"{path}: expected keys 'model' and 'config', got {sorted(state)}")
+    try:
+        cfg = FlamingoConfig.from_dict(state["config"])
+        model = Flamingo(cfg)
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AssertionError, ValueError) as e:
+        raise CheckpointError(f"{path}: the weights do not fit the saved config: {e}") from e
+    return model.eval(), cfg
+
+
+def run_tokenizer(run_dir, cfg: FlamingoConfig) -> Tokenizer:
+    """DIR/tokenizer.tiktoken if the run has one, else the default; its size must be the model's."""
+    path = Path(run_dir) / "tokenizer.tiktoken"
+    tok = Tokenizer.load(path) if path.is_file() else Tokenizer.default()
+    if tok.n_vocab != cfg.lm.vocab_size:
+        raise ValueError(f"tokenizer {tok.name} has {tok.n_vocab} ids but the model's lm.vocab_size is "
+                         f"{cfg.lm.vocab_size}; put the run's tokenizer in {path}")
+    return tok
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 0,4,8, got {text!r}") from None
+    if any(c < 0 for c in counts):
+        raise argparse.ArgumentTypeError(f"shot counts must be >= 0, got {text!r}")
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Few-shot evaluation of a trained run on the synthetic world: prints the table, writes DIR/eval.json."""
+    from miniflamingo.world import World
+
+    ap = argparse.ArgumentParser(prog="python -m miniflamingo eval", description=main.__doc__)
+    ap.add_argument("--run", required=True, help="run folder holding flamingo.pt")
+    ap.add_argument("--shots", type=_counts, default=[0, 4, 8, 16], help="support examples (open-ended)")
+    ap.add_argument("--k", type=_counts, default=[0, 1, 2, 4], help="examples per class (binding tasks)")
+    ap.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS)}")
+    ap.add_argument("--episodes", type=int, default=DEFAULT_EPISODES, help="queries or episodes per cell")
+    ap.add_argument("--rices", action="store_true", help="support by similarity of frozen vision features")
+    ap.add_argument("--ensemble", type=int, default=3, help="support orders averaged for binding tasks")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--world-seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="where to write the results (default DIR/eval.json)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the eval's ops are "
+                    "small; 2 threads ran 40x slower than 1 on a busy 2-core machine); 0: torch's default")
+    args = ap.parse_args(argv)
+    if args.episodes < 1 or args.ensemble < 1:
+        ap.error("--episodes and --ensemble must be >= 1")
+    if args.threads > 0 and args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    try:
+        model, cfg = load_run(args.run)
+        tok = run_tokenizer(args.run, cfg)
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        print(f"eval: {e}", file=sys.stderr)
+        return 1
+    model.to(args.device)
+    tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    world = World(seed=args.world_seed, image_size=cfg.vision.image_size)
+    start = time.perf_counter()
+    results = evaluate(model, tok, world, tasks, args.shots, args.episodes, args.rices, args.seed,
+                       k_shots=args.k, ensemble=args.ensemble, pool_size=max([64, *args.shots]),
+                       log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    results["settings"]["seconds"] = round(time.perf_counter() - start, 1)
+    print(format_table(results))
+    out = Path(args.out) if args.out else Path(args.run) / "eval.json"
+    write_json(results, out)
+    print(f"wrote {out} ({results['settings']['seconds']}s)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- ask: the user's own image
+
+
+def read_examples(path, image_size: int) -> list[dict]:
+    """Examples for `ask`, one JSON object per line, image paths relative to the file: {"image", "caption"}
+    (captions.jsonl, DESIGN.md 5) or {"image", "question", "answer"}. Errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    examples = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: malformed JSON line ({e})") from None
+        texts = ("caption",) if isinstance(obj, dict) and "caption" in obj else ("question", "answer")
+        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("image", *texts)):
+            raise DataError(f'{where}: expected {{"image": relpath, "caption": str}} or {{"image": relpath, '
+                            f'"question": str, "answer": str}}, got {str(obj)[:80]}')
+        examples.append({**{k: obj[k] for k in texts}, "image": load_image(path.parent / obj["image"],
+                                                                           image_size, where)})
+    return examples
+
+
+def ask(model, tok, image, question: str | None = None, examples: list[dict] = (), shots: int = 4):
+    """Caption `image` (uint8 (H, W, 3)), or answer `question` about it, few-shot: RICES picks up to `shots`
+    of the examples of the right kind (captions, or questions with answers), the most similar last, and
+    drops the least similar ones until the prompt fits the context. With no example of that kind, or
+    shots = 0, the prompt is zero-shot with up to two text-only examples. Returns (answer, prompt)."""
+    task = TASKS["vqa" if question else "captioning"]
+    pool = [x for x in examples if ("question" if question else "caption") in x]
+
+    def shot(media, x: dict | None = None) -> fs.Shot:  # an example x, or the query when x is None
+        if question:
+            return fs.vqa_shot(media, x["question"], x["answer"]) if x else fs.vqa_shot(media, question)
+        return fs.caption_shot(media, x["caption"]) if x else fs.caption_shot(media)
+
+    features = fs.vision_features(model, [image] + [x["image"] for x in pool])
+    n = min(shots, len(pool))
+    order = fs.rices_support(fs.pooled(features[:1])[0], fs.pooled(features[1:]), n) if n else []
+    while True:
+        if n:
+            support = [shot(features[1 + j], pool[j]) for j in order[len(order) - n:]]
+        else:
+            support = fs.text_only([shot(None, x) for x in pool[:2]])
+        prompt = fs.build_prompt(tok, support, shot(features[0]))
+        if n == 0 or len(prompt.ids) + task.max_new_tokens <= model.cfg.lm.context_length:
+            break
+        n -= 1  # drop the least similar example
+    return fs.generate_answers(model, tok, [prompt], task.max_new_tokens)[0], prompt
+
+
+def ask_main(argv: list[str] | None = None) -> int:
+    """Caption your own image, or answer a question about it, few-shot from examples."""
+    from miniflamingo.world import World
+
+    ap = argparse.ArgumentParser(prog="python -m miniflamingo ask", description=ask_main.__doc__)
+    ap.add_argument("--run", required=True, help="run folder holding flamingo.pt")
+    ap.add_argument("--image", required=True, help="an image file (letterboxed to the model's size)")
+    ap.add_argument("--question", default=None, help="a question about the image (default: caption it)")
+    ap.add_argument("--examples", default=None, help='JSONL of {"image", "caption"} (captions.jsonl) or '
+                    '{"image", "question", "answer"}; default: examples from the synthetic world')
+    ap.add_argument("--shots", type=int, default=4, help="examples in the prompt, chosen by RICES")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads, as in eval; 0: default")
+    args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        model, cfg = load_run(args.run)
+        tok = run_tokenizer(args.run, cfg)
+        image = load_image(Path(args.image), cfg.vision.image_size, "--image")
+        examples = read_examples(args.examples, cfg.vision.image_size) if args.examples else []
+    except (FileNotFoundError, CheckpointError, DataError, ValueError) as e:
+        print(f"ask: {e}", file=sys.stderr)
+        return 1
+    kind = "question" if args.question else "caption"
+    if not any(kind in x for x in examples):
+        world = World(image_size=cfg.vision.image_size)
+        items = open_items(world, "vqa" if args.question else "captioning", 16, "val", 0)
+        examples = [{"image": x["media"], "question": x["question"], "answer": x["answer"]} if args.question
+                    else {"image": x["media"], "caption": x["answer"]} for x in items]
+        print(f"(no {kind} examples given: using {len(examples)} from the synthetic world's val split)")
+    answer, prompt = ask(model, tok, image, args.question, examples, args.shots)
+    print(f"prompt: {tok.decode(prompt.ids)}")
+    print(f"answer: {answer}")
+    return 0

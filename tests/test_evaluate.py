@@ -1,0 +1,204 @@
+"""The evaluation suite and its commands (issue 7): eval.json's schema, shot counts that do not fit the
+context skipped as null, blind rows on the very same prompts with media zeroed, closed gates making the
+blind row equal the seeing one, the table, loading runs (and naming a missing or corrupt checkpoint), and
+`eval` / `ask` end to end on a saved untrained tiny model."""
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import miniflamingo as mf
+from miniflamingo import evaluate as ev
+from miniflamingo import fewshot as fs
+from miniflamingo.data import DataError
+from miniflamingo.flamingo import Flamingo
+from miniflamingo.trainutil import CheckpointError
+from miniflamingo.world import World
+
+IMAGE_SIZE = 32
+SAMPLES = Path(__file__).resolve().parent.parent / "data_samples" / "captions"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(open_gates: bool = True) -> Flamingo:
+    cfg = mf.FlamingoConfig.preset("tiny")
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=IMAGE_SIZE))
+    torch.manual_seed(0)
+    model = Flamingo(cfg)
+    with torch.no_grad():
+        if open_gates:
+            for layer in model.xattn:
+                layer.attn_gate.fill_(0.8)
+                layer.ff_gate.fill_(0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return mf.Tokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World(image_size=IMAGE_SIZE, video_frames=3)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """An untrained tiny model with open gates, saved as the training code saves it."""
+    model = tiny_model()
+    run = tmp_path_factory.mktemp("run")
+    torch.save({"model": model.state_dict(), "config": model.cfg.to_dict(), "step": 0}, run / "flamingo.pt")
+    return run
+
+
+def check_schema(results: dict, tasks, shots, k_shots):
+    assert list(results["tasks"]) == list(tasks)
+    for name, row in results["tasks"].items():
+        task = ev.TASKS[name]
+        keys = [str(k) for k in (k_shots if task.per_class else shots)]
+        assert row["metric"] == task.metric and row["unit"] in ("shots", "shots per class")
+        assert list(row["shots"]) == keys and list(row["blind"]) == keys
+        for values in (row["shots"], row["blind"]):
+            for v in values.values():
+                top = 10.0 if task.metric == "cider_d" else 1.0
+                assert v is None or (isinstance(v, float) and 0.0 <= v <= top and not math.isnan(v))
+        assert [v is None for v in row["shots"].values()] == [v is None for v in row["blind"].values()]
+    json.dumps(results)  # plain JSON
+
+
+def test_schema_and_skipped_shot_counts(tok, world):
+    model = tiny_model()
+    tasks, shots, k_shots = ["captioning", "ambiguous"], (0, 4, 16), (0, 1, 8)
+    r = ev.evaluate(model, tok, world, tasks, shots, episodes=2, k_shots=k_shots, ensemble=2)
+    check_schema(r, tasks, shots, k_shots)
+    cap, amb = r["tasks"]["captioning"], r["tasks"]["ambiguous"]
+    assert cap["shots"]["16"] is None and cap["blind"]["16"] is None  # 16 captions do not fit 256 tokens
+    assert cap["shots"]["4"] is not None and amb["shots"]["1"] is not None
+    assert amb["shots"]["8"] is None  # ambiguous episodes have at most 4 examples per word
+    table = ev.format_table(r)
+    print(table)
+    lines = table.splitlines()
+    assert lines[0].split()[-3:] == ["0", "4", "16"] and any("k per class" in line for line in lines)
+    assert lines[1].startswith("captioning") and lines[1].split()[-1] == "-" and "blind" in lines[2]
+    assert f"{100 * amb['shots']['1']:.1f}" in table
+    samples = r["samples"]["captioning"]
+    assert len(samples["4"]) == 2 and all(isinstance(p, str) and a.startswith("a ") for p, a in samples["4"])
+    assert samples["16"] == [] and "ambiguous" not in r["samples"]
+
+
+def test_blind_rows_run_the_same_prompts_with_media_zeroed(tok, world, monkeypatch):
+    calls = []
+    real = fs.encode_prompt_media
+
+    def spy(model, prompts, blind=False):
+        calls.append(([p.ids for p in prompts], [len(p.media) for p in prompts], blind))
+        return real(model, prompts, blind)
+
+    monkeypatch.setattr(fs, "encode_prompt_media", spy)
+    ev.evaluate(tiny_model(), tok, world, ["vqa", "binding_2way"], (0, 2), episodes=2, k_shots=(0, 1),
+                ensemble=1)
+    seeing = [c[:2] for c in calls if not c[2]]
+    blind = [c[:2] for c in calls if c[2]]
+    assert len(seeing) == len(blind) == 4 and seeing == blind  # every cell, the same ids and media counts
+    # zero-shot VQA: two text-only examples, one image (the query); binding k=0: just the query
+    assert seeing[0][1] == [1, 1] and seeing[2][1] == [1, 1]
+    assert all(ids.count(tok.image_id) == 1 for ids in seeing[0][0])
+    assert seeing[1][1] == [3, 3] and seeing[3][1] == [3, 3]  # 2 shots + query; 2-way k=1 + query
+
+
+def test_deterministic(tok, world):
+    runs = [ev.evaluate(tiny_model(), tok, world, ["heldout_combos", "novel_2way"], (1,), episodes=2,
+                        k_shots=(1,), ensemble=2, seed=3) for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_closed_gates_make_blind_equal_seeing(tok, world):
+    """An untrained Flamingo is its frozen LM (gates at 0): media cannot matter, so blind == seeing."""
+    r = ev.evaluate(tiny_model(open_gates=False), tok, world, ["vqa", "binding_5way"], (0, 2), episodes=2,
+                    k_shots=(0, 1), ensemble=1)
+    for row in r["tasks"].values():
+        assert row["shots"] == row["blind"]
+
+
+def test_rices_support_is_the_most_similar(tok, world, monkeypatch):
+    chosen = []
+    real = fs.rices_support
+
+    def spy(query, pool, n):
+        out = real(query, pool, n)
+        sims = torch.nn.functional.cosine_similarity(pool, query[None], dim=1)
+        assert sims[out].tolist() == sorted(sims[out].tolist())  # most similar last
+        assert sims[out[0]] >= sims.sort(descending=True).values[n - 1] - 1e-6  # the top n
+        chosen.append(out)
+        return out
+
+    monkeypatch.setattr(fs, "rices_support", spy)
+    r = ev.evaluate(tiny_model(), tok, world, ["vqa"], (0, 3), episodes=2, rices=True)
+    assert len(chosen) == 2 and all(len(c) == 3 for c in chosen) and r["settings"]["rices"] is True
+
+
+# ----------------------------------------------------------------------------- runs and commands
+
+
+def test_load_run_round_trip_and_errors(run_dir, tmp_path, capsys):
+    model, cfg = ev.load_run(run_dir)
+    assert cfg == tiny_model().cfg and not model.training
+    saved = torch.load(run_dir / "flamingo.pt", weights_only=True)["model"]
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="flamingo.pt"):
+        ev.load_run(tmp_path / "nowhere")
+    (tmp_path / "flamingo.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="flamingo.pt"):
+        ev.load_run(tmp_path)
+    torch.save({"weights": {}}, tmp_path / "flamingo.pt")
+    with pytest.raises(CheckpointError, match="'model' and 'config'"):
+        ev.load_run(tmp_path)
+    assert ev.main(["--run", str(tmp_path / "nowhere")]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_eval_command_end_to_end(run_dir, capsys):
+    assert ev.main(["--run", str(run_dir), "--shots", "0,2", "--k", "0,1", "--episodes", "1",
+                    "--ensemble", "2"]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((run_dir / "eval.json").read_text())
+    check_schema(results, list(ev.TASKS), (0, 2), (0, 1))
+    assert all(name in out for name in ev.TASKS) and out.count("blind") == len(ev.TASKS)
+    assert results["settings"]["episodes"] == 1
+
+
+def test_ask_on_sample_photos(run_dir, tmp_path, capsys):
+    args = ["--run", str(run_dir), "--image", str(SAMPLES / "chelsea.jpg")]
+    assert ev.ask_main(args + ["--examples", str(SAMPLES / "captions.jsonl"), "--shots", "3"]) == 0
+    out = capsys.readouterr().out
+    prompt = next(line for line in out.splitlines() if line.startswith("prompt: "))
+    assert prompt.count("<image>") == 4 and prompt.endswith("<image>Output:") and "answer: " in out
+    # the photo itself is among the examples: RICES finds it (cosine 1) and puts it last, next to the query
+    assert prompt.endswith("<image>Output: A close-up of a tabby cat with green eyes looking to the side."
+                           "<|endofchunk|><image>Output:")
+    assert ev.ask_main(args + ["--question", "What animal is this?", "--shots", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic world" in out and "Short answer:" in out
+    assert out.split("prompt: ")[1].count("<image>") == 3
+    bad = tmp_path / "bad.jsonl"
+    good = json.dumps({"image": str(SAMPLES / "chelsea.jpg"), "caption": "a cat"})
+    bad.write_text(good + '\n{"image": 3}\n')
+    with pytest.raises(DataError, match="bad.jsonl:2"):
+        ev.read_examples(bad, IMAGE_SIZE)
+    bad.write_text(good + '\n["chelsea.jpg", "a cat"]\n')
+    with pytest.raises(DataError, match="bad.jsonl:2"):
+        ev.read_examples(bad, IMAGE_SIZE)
+    assert ev.ask_main(args + ["--examples", str(bad)]) == 1
+    assert "bad.jsonl:2" in capsys.readouterr().err
