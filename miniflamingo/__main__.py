@@ -10,6 +10,11 @@ COMMANDS = {
     "world": ("miniflamingo.world", "main", "write the synthetic visual world to a folder"),
     "pretrain-lm": ("miniflamingo.pretrain_lm", "main", "pretrain the small GPT on the text corpus"),
     "pretrain-vision": ("miniflamingo.contrastive", "main", "contrastive pretraining of the vision encoder"),
+    "train": ("miniflamingo.train", "main", "train Flamingo's resampler and gated xattn on the frozen parts"),
+    "eval": ("miniflamingo.evaluate", "main", "few-shot evaluation: a table of tasks by shots, eval.json"),
+    "ask": ("miniflamingo.evaluate", "ask_main", "caption or answer a question about your own image"),
+    "demo": ("miniflamingo.demo", "main", "the whole pipeline on the synthetic world, then a few-shot table"),
+    "data": ("miniflamingo.readers", "main", "check a local data set and print one tokenized row"),
 }
 
 
