@@ -9,7 +9,7 @@ COMMANDS = {
     "tokenizer": ("miniflamingo.tokenizer", "main", "train a byte-level BPE tokenizer on a text corpus"),
     "world": ("miniflamingo.world", "main", "write the synthetic visual world to a folder"),
     "pretrain-lm": ("miniflamingo.pretrain_lm", "main", "pretrain the small GPT on the text corpus"),
-    "pretrain-vision": ("miniflamingo.contrastive", "main", "contrastive pretraining of the vision encoder"),
+    "pretrain-vision": ("miniflamingo.pretrain_vision", "main", "contrastive pretraining of the NFNet"),
     "train": ("miniflamingo.train", "main", "train Flamingo's resampler and gated xattn on the frozen parts"),
     "eval": ("miniflamingo.evaluate", "main", "few-shot evaluation: a table of tasks by shots, eval.json"),
     "ask": ("miniflamingo.evaluate", "ask_main", "caption or answer a question about your own image"),
