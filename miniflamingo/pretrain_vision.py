@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -36,6 +34,7 @@ from PIL import Image
 from miniflamingo.agc import adaptive_grad_clip
 from miniflamingo.config import FlamingoConfig
 from miniflamingo.contrastive import ContrastiveConfig, ContrastiveModel
+from miniflamingo.trainutil import load_checkpoint, save_checkpoint
 
 # ----------------------------------------------------------------------------- data
 
@@ -214,18 +213,6 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int, neighbours=None
     return torch.tensor(list(hard) + rest)
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write a temp file in the same folder, then rename over the old checkpoint."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def make_optimizer(model: ContrastiveModel, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.dim() >= 2]  # weights decay; gains, biases, temperature not
     other = [p for p in model.parameters() if p.dim() < 2]
@@ -356,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = make_optimizer(model, args.lr, args.weight_decay)
     step, elapsed = 0, 0.0
     if args.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=True)
+        ck = load_checkpoint(ckpt_path)
         model.load_state_dict(ck["contrastive"]["model"])
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"])

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from miniflamingo.config import VisionConfig
+from miniflamingo.trainutil import load_checkpoint
 
 # Var(gelu(z)) for z ~ N(0, 1) is 1 / gamma**2; multiplying by gamma keeps unit variance (NFNet App. D).
 GELU_GAMMA = 1.7015043497085571
@@ -194,7 +195,7 @@ class VisionEncoder(nn.Module):
 
 def load_pretrained(path, device: str | torch.device = "cpu") -> VisionEncoder:
     """The encoder saved by `python -m miniflamingo pretrain-vision` (RUN/vision.pt), in eval mode."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    ckpt = load_checkpoint(path, map_location=device)  # names the file when it is missing or corrupt
     enc = VisionEncoder(VisionConfig(**ckpt["config"])).to(device)
     enc.load_state_dict(ckpt["model"])
     return enc.eval()
