@@ -37,6 +37,7 @@ import torch.distributed as dist
 from miniflamingo.config import FlamingoConfig
 from miniflamingo.data import DocumentDataset, MixtureSampler, Source
 from miniflamingo.flamingo import Flamingo
+from miniflamingo.pretrain_lm import auto_dtype
 from miniflamingo.trainutil import (
     JsonlLogger,
     Progress,
@@ -172,6 +173,8 @@ def parse_args(argv):
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="auto",
+                    help="bf16 autocast; auto: the LM's measured rule (bf16 on GPUs, on CPU from width 256)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--world-seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=20)
@@ -225,12 +228,14 @@ def main(argv: list[str] | None = None) -> int:
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         log(f"resuming from {ckpt_path} at step {step}")
+    dtype = auto_dtype(cfg.lm, device) if args.dtype == "auto" else args.dtype
     n = model.param_counts()
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"Flamingo ({args.preset}): {n['total'] / 1e6:.2f}M parameters, {trained / 1e6:.2f}M trained "
         f"(resampler {n['resampler'] / 1e6:.2f}M, xattn {n['xattn'] / 1e6:.2f}M); {world_size} process(es) "
-        f"on {device}; lambda {weights}")
+        f"on {device} in {dtype}; lambda {weights}")
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
     last_good = None
 
@@ -261,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             n_global = global_count(n_local, world_size)
             if n_global == 0:
                 continue  # nothing to predict in this batch (no text after an <image>)
-            _, loss = ddp(x, vision_features=feats, targets=y, media_frames=frames)
+            with autocast:
+                _, loss = ddp(x, vision_features=feats, targets=y, media_frames=frames)
             if n_local == 0:
                 loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0  # keep DDP in step
             losses[b.name] = global_count(loss.detach() * n_local, world_size).item() / n_global.item()
