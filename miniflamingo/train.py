@@ -173,6 +173,7 @@ def parse_args(argv):
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="auto",
                     help="bf16 autocast; auto: the LM's measured rule (bf16 on GPUs, on CPU from width 256)")
     ap.add_argument("--seed", type=int, default=0)
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = FlamingoConfig.preset(args.preset).override(overrides)
     weights = parse_weights(args.weights)
     rank, world_size, device = setup_distributed(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     run = Path(args.run)
 

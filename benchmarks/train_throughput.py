@@ -1,0 +1,311 @@
+"""Tokens/s and model FLOP utilisation (MFU) of the Flamingo training stage (issue 6, Performance).
+
+    python benchmarks/train_throughput.py                          # tiny and small, 1 thread on a CPU
+    python benchmarks/train_throughput.py --preset tiny --steps 10 --threads 2 --batch-size 64
+    python benchmarks/train_throughput.py --preset tiny --profile  # + top ops of one step by CPU time
+
+Notable features
+- Times the real step of miniflamingo/train.py: one batch from each dataset of the mixture (synthetic
+  world, frozen vision features cached by `with_features` as train.py does), forward with
+  vision_features and media_frames, lambda-weighted backward, gradient clip 1.0, AdamW step. Random
+  frozen weights: speed does not depend on what the weights are, so no stage-1/2 checkpoints needed.
+- Model FLOPs are counted, not estimated, by torch.utils.flop_counter.FlopCounterMode on a meta-device
+  copy of the model fed each timed step's own batches (row lengths vary from step to step). It counts the
+  matmuls that actually run (2 FLOPs per multiply-add): forward of everything; backward of the trained
+  parts (resampler, xattn, the two special embeddings: activation and weight grads, about 2x forward)
+  and of the frozen LM (activation grads only, about 1x forward: autograd computes no weight grads for
+  frozen weights); attention and the LM head included (on the meta device SDPA runs as counted bmm's).
+  Not counted: elementwise ops, norms, softmax, AdamW. The frozen vision encoder does not run in the step.
+  Padding is counted as run: rows padded to the longest of their batch, xattn's grouped chunks, and the
+  resampler's empty media slots and padded frames (the report prints real frames / frames run).
+- MFU = counted FLOPs per second / this machine's matmul peak measured in the same run: a 2048 x 2048
+  @ 2048 x 2048 matmul, median of 5 repeats just before and 5 just after the preset's steps (the shared
+  machine's speed drifts), in the dtype of the step (bf16 when autocast is used, the default on GPU).
+- Tokens = input positions of all batches of a step, padding included, as train.py counts them.
+- Medians over the timed steps after warmup; the step-time breakdown is data (sampler + copy to the
+  device), forward, backward, optimizer (clip + AdamW). The peak is measured with the same threads
+  as the step (--threads), so MFU compares like with like.
+
+Shapes: B batch, L text length, T media slots, F frames, S grid cells, Dv feature width.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils import flop_counter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from miniflamingo.config import FlamingoConfig  # noqa: E402
+from miniflamingo.data import DocumentDataset, MixtureSampler, Source  # noqa: E402
+from miniflamingo.flamingo import Flamingo  # noqa: E402
+from miniflamingo.tokenizer import Tokenizer  # noqa: E402
+from miniflamingo.train import DEFAULT_WEIGHTS  # noqa: E402
+from miniflamingo.trainutil import configure_optimizer  # noqa: E402
+from miniflamingo.world import World  # noqa: E402
+
+DEFAULT_STEPS = {"tiny": 10, "small": 3}  # small is slow on a CPU: keep the whole run under ~3 minutes
+DEFAULT_BATCH = {"tiny": 16, "small": 8}  # interleaved rows per step on CPU (train.py's default is 16)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # kernels run asynchronously: wait before reading the clock
+
+
+# ----------------------------------------------------------------------------- the peak
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> list[float]:
+    """FLOP/s of a large square matmul, one per repeat: the machine's practical peak."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    inner = 1 if device.type == "cpu" else 20  # a GPU matmul takes well under a millisecond
+    times = []
+    for _ in range(repeats + 1):  # the first one warms up
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(inner):
+            a @ b
+        sync(device)
+        times.append((time.perf_counter() - t) / inner)
+    return [2 * n**3 / t for t in times[1:]]
+
+
+# ----------------------------------------------------------------------------- counting FLOPs
+
+
+def _cpu_flash(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(q, k, v)
+
+
+def _cpu_flash_backward(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, q, k, v)
+
+
+# torch's table has the CUDA attention kernels only; on a CPU SDPA runs these two, which it would count as 0.
+CPU_ATTENTION = {}
+for _name, _fn in (("_scaled_dot_product_flash_attention_for_cpu", _cpu_flash),
+                   ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_flash_backward)):
+    if hasattr(torch.ops.aten, _name):
+        CPU_ATTENTION[getattr(torch.ops.aten, _name)] = _fn
+
+
+def count_flops(meta_model: Flamingo, batches, autocast) -> tuple[int, int]:
+    """FLOPs of forward + backward of one step's batches: all, and the resampler's part of them. (The
+    counter's per-module split is no use here: the xattn layers run inside the LM, through its hook.)"""
+    total = flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
+    with total:  # entering a FlopCounterMode resets it: one block for the whole step
+        for b in batches:
+            with autocast():
+                _, loss = meta_model(b.input_ids.to("meta"), vision_features=_meta(b.media),
+                                     targets=b.targets.to("meta"), media_frames=_meta(b.frames))
+            (b.weight * loss).backward()
+    part = flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
+    with part:  # the resampler alone: its input needs no grad, so this is exactly its share of the step
+        for b in batches:
+            if b.media is not None:
+                with autocast():
+                    latents = meta_model.resampler(_meta(b.media), _meta(b.frames))
+                latents.float().sum().backward()
+    meta_model.zero_grad(set_to_none=True)
+    return total.get_total_flops(), part.get_total_flops()
+
+
+def _meta(x):
+    return None if x is None else x.to("meta")
+
+
+# ----------------------------------------------------------------------------- model, data, step
+
+
+class ModelIds:
+    """The default tokenizer's text ids with the config's special ids: the small preset's vocabulary is
+    bigger than the shipped tokenizer's, and the model finds <image> by its id (vocab_size - 2)."""
+
+    def __init__(self, tok: Tokenizer, cfg: FlamingoConfig):
+        if tok.n_vocab > cfg.lm.vocab_size:
+            raise SystemExit(f"tokenizer has {tok.n_vocab} ids, more than lm.vocab_size={cfg.lm.vocab_size}")
+        self.encode_ordinary = tok.encode_ordinary
+        self.eot_id, self.image_id, self.eoc_id = cfg.eot_id, cfg.image_id, cfg.eoc_id
+
+
+def build(preset: str, batch_size: int, device: torch.device, seed: int = 0):
+    """A Flamingo of the preset with random frozen parts, and a mixture sampler over the world's features."""
+    cfg = FlamingoConfig.preset(preset)
+    torch.manual_seed(seed)
+    model = Flamingo(cfg)
+    ids = ModelIds(Tokenizer.default(), cfg)
+    sizes = {"interleaved": batch_size, "image_text": batch_size, "video_text": max(1, batch_size // 2)}
+    world = World(seed=0, image_size=cfg.vision.image_size)
+    n = 2 * batch_size  # enough items for two different batches; later steps reuse them in a new order
+    data = {
+        "interleaved": DocumentDataset.from_documents(world.documents(n, seed=seed), ids),
+        "image_text": DocumentDataset.from_pairs(world.image_text_pairs(n, seed=seed), ids),
+        "video_text": DocumentDataset.from_pairs(world.video_text_pairs(max(2, n // 2), seed=seed), ids),
+    }
+    data = {k: d.with_features(model.vision, batch_size=32) for k, d in data.items()}  # encoder is frozen
+    sources = [Source(k, data[k], DEFAULT_WEIGHTS[k], sizes[k], seq_len=min(256, cfg.lm.context_length),
+                      max_media=cfg.max_media) for k in data]
+    return model.to(device), MixtureSampler(sources, seed=seed)
+
+
+def train_step(model, opt, sampler, step: int, device: torch.device, autocast) -> tuple[dict, int, list]:
+    """train.py's loop body (one process). Returns seconds per phase, tokens, and the batches."""
+    times = dict.fromkeys(("data", "forward", "backward", "optimizer"), 0.0)
+    clock = time.perf_counter()
+
+    def lap(phase):
+        nonlocal clock
+        sync(device)
+        now = time.perf_counter()
+        times[phase] += now - clock
+        clock = now
+
+    opt.zero_grad(set_to_none=True)
+    batches, tokens = sampler.batch(step), 0  # paper 2.4: one batch per dataset, then one update
+    lap("data")
+    for b in batches:
+        x, y = b.input_ids.to(device), b.targets.to(device)
+        feats = None if b.media is None else b.media.to(device)
+        frames = None if b.frames is None else b.frames.to(device)
+        n_tokens = (y != -100).sum()
+        lap("data")
+        if n_tokens == 0:
+            continue
+        with autocast():
+            _, loss = model(x, vision_features=feats, targets=y, media_frames=frames)
+        if not torch.isfinite(loss):  # train.py checks each loss too (one host sync, as there)
+            raise SystemExit(f"loss is {loss.item()} at step {step} on {b.name!r}")
+        lap("forward")
+        (b.weight * loss).backward()
+        tokens += x.numel()
+        lap("backward")
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    opt.step()
+    lap("optimizer")
+    return times, tokens, batches
+
+
+def profile_step(model, opt, sampler, step, device, autocast, rows: int = 15) -> None:
+    """Top ops of one step by self CPU time, and the share of time in matmul-like ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        train_step(model, opt, sampler, step, device, autocast)
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=rows))
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events
+                 if any(k in e.key for k in ("mm", "matmul", "linear", "scaled_dot_product", "flash")))
+    print(f"self CPU time in matmul/attention kernels: {100 * matmul / total:.0f}% of {total / 1e3:.0f} ms")
+
+
+# ----------------------------------------------------------------------------- one preset
+
+
+def bench(preset: str, args, device: torch.device) -> dict:
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    steps = args.steps or DEFAULT_STEPS.get(preset, 3)
+    batch = args.batch_size or (16 if device.type == "cuda" else DEFAULT_BATCH.get(preset, 4))
+    t0 = time.perf_counter()
+    model, sampler = build(preset, batch, device)
+    setup = time.perf_counter() - t0
+    meta_model = copy.deepcopy(model).to("meta")
+    opt = configure_optimizer(model, lr=1e-4, weight_decay=0.1,
+                              no_decay=("resampler", "latents", "temporal", "special_embeddings"))
+    model.train()
+    peaks = matmul_peak(device, dtype)  # before and after the steps: the machine's speed drifts
+    rows = []
+    for step in range(args.warmup + steps):
+        times, tokens, batches = train_step(model, opt, sampler, step, device, autocast)
+        if step >= args.warmup:
+            flops, resampler = count_flops(meta_model, batches, autocast)
+            media = [b.frames for b in batches if b.frames is not None]  # (B, T) real frames per slot
+            rows.append(dict(times, total=sum(times.values()), tokens=tokens, flops=flops,
+                             resampler=resampler,
+                             loss_tokens=sum(int((b.targets != -100).sum()) for b in batches),
+                             frames_real=sum(int(f.sum()) for f in media),
+                             frames_run=sum(b.media.shape[0] * b.media.shape[1] * b.media.shape[2]
+                                            for b in batches if b.media is not None)))
+    peaks += matmul_peak(device, dtype)
+    peak = statistics.median(peaks)
+    if args.profile:
+        profile_step(model, opt, sampler, args.warmup + steps, device, autocast)
+    med = {k: statistics.median(r[k] for r in rows) for k in ("data", "forward", "backward", "optimizer",
+                                                                "total")}
+    achieved = statistics.median(r["flops"] / r["total"] for r in rows)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return dict(
+        preset=preset, device=str(device), dtype="bf16" if bf16 else "fp32", threads=torch.get_num_threads(),
+        batch=batch, steps=steps, setup_s=setup, params_total=sum(p.numel() for p in model.parameters()),
+        params_trained=trained, tokens_per_step=statistics.median(r["tokens"] for r in rows),
+        flops_per_step=statistics.median(r["flops"] for r in rows), step=med,
+        **{k: statistics.median(r[k] for r in rows) for k in ("resampler", "loss_tokens", "frames_real",
+                                                                "frames_run")},
+        tokens_per_s=statistics.median(r["tokens"] / r["total"] for r in rows), achieved=achieved, peak=peak,
+        mfu=achieved / peak, peak_range=(min(peaks), max(peaks)),
+    )
+
+
+def report(r: dict) -> None:
+    s = r["step"]
+    print(f"\n== {r['preset']} on {r['device']} ({r['dtype']}, {r['threads']} threads), batch {r['batch']} "
+          f"(pairs {r['batch']}, videos {max(1, r['batch'] // 2)}), median of {r['steps']} steps; "
+          f"setup {r['setup_s']:.1f} s")
+    print(f"params {r['params_total'] / 1e6:.2f}M, trained {r['params_trained'] / 1e6:.2f}M; "
+          f"{r['tokens_per_step']:.0f} tokens ({r['loss_tokens']:.0f} with a loss) and "
+          f"{r['flops_per_step'] / 1e9:.2f} GFLOP per step, resampler "
+          f"{100 * r['resampler'] / r['flops_per_step']:.0f}% "
+          f"(real frames {r['frames_real']:.0f} of {r['frames_run']:.0f} slots x frames it runs on)")
+    print(f"step {1e3 * s['total']:.0f} ms = data {1e3 * s['data']:.0f} + forward {1e3 * s['forward']:.0f} + "
+          f"backward {1e3 * s['backward']:.0f} + optimizer {1e3 * s['optimizer']:.0f} ms (medians)")
+    print(f"tokens/s {r['tokens_per_s']:.0f}; achieved {r['achieved'] / 1e9:.2f} GFLOP/s; "
+          f"peak ({r['dtype']} 2048^3 matmul, median of 10) {r['peak'] / 1e9:.1f} "
+          f"GFLOP/s (range {r['peak_range'][0] / 1e9:.0f}-{r['peak_range'][1] / 1e9:.0f}); "
+          f"MFU {100 * r['mfu']:.1f}%")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", nargs="+", default=["tiny", "small"])
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default: tiny 10, small 3)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="interleaved rows and image-text rows per step, half as many videos "
+                         "(default: 16 on GPU; on CPU tiny 16, small 8)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads, 0: torch's default (one per core). Default 1: on the shared 2-core "
+                         "machine 2 threads ran tiny 18x slower than 1, waiting on a core another job held")
+    ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="auto: bf16 autocast on GPU, fp32 on CPU")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--profile", action="store_true", help="print the top ops of one more step")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"load average {load}")
+    for preset in args.preset:
+        report(bench(preset, args, device))
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
