@@ -38,7 +38,7 @@ from miniflamingo.world_text import BINDING_TEXT, stand_in
 FULL = {
     "vision": ["--steps", "400"],
     "lm": ["--steps", "400"],
-    "train": ["--steps", "500"],
+    "train": ["--steps", "900", "--lr", "2e-3"],
     "eval": ["--episodes", "40"],
 }
 QUICK = {

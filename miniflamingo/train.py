@@ -153,7 +153,7 @@ def parse_args(argv):
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--vision", default=None, help="stage-1 checkpoint (default RUN/vision.pt)")
     ap.add_argument("--lm", default=None, help="stage-2 checkpoint (default RUN/lm.pt)")
-    ap.add_argument("--steps", type=int, default=600, help="total optimizer steps (the schedule's length)")
+    ap.add_argument("--steps", type=int, default=900, help="total optimizer steps (the schedule's length)")
     ap.add_argument("--stop-at", type=int, default=None, help="stop (and checkpoint) at this step")
     ap.add_argument("--seconds", type=float, default=None, help="stop (and checkpoint) after this wall time")
     ap.add_argument("--batch-size", type=int, default=16, help="interleaved documents per step (per rank)")
@@ -167,7 +167,7 @@ def parse_args(argv):
     ap.add_argument("--seq-len", type=int, default=256, help="paper A.3: 256-token subsequences")
     ap.add_argument("--p-next", type=float, default=0.0,
                     help="paper A.3.2 uses 0.5 on web pages; the world's text always follows its image")
-    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (tiny: 2e-3 beat 1e-3)")
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--schedule", choices=["constant", "cosine"], default="cosine")
     ap.add_argument("--weight-decay", type=float, default=0.1)
