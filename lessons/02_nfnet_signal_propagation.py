@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from _plots import pyplot  # lessons/_plots.py: matplotlib if installed
 
 from miniflamingo.config import VisionConfig
 from miniflamingo.vision import VisionEncoder, WSConv2d, scaled_gelu
@@ -93,15 +94,8 @@ assert naive[-1] / naive[0] > 1.5 ** (len(naive) - 1)  # exponential blow-up wit
 # ----------------------------------------------------------------------------- 3. the picture
 
 out = Path(__file__).resolve().parent.parent / "runs" / "lessons" / "02_signal_propagation.png"
-try:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-except ImportError:
-    print(f"matplotlib is not installed: skipped {out}")
-else:
-    out.parent.mkdir(parents=True, exist_ok=True)
+plt = pyplot(out)
+if plt is not None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.semilogy(naive, "o-", label="naive x + f(x)")
     ax.semilogy(nf, "o-", label="NFNet (measured)")

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _plots import pyplot  # lessons/_plots.py: matplotlib if installed
 
 import miniflamingo as mf
 from miniflamingo.agc import adaptive_grad_clip
@@ -123,15 +124,8 @@ assert torch.equal(after.argmax(0), torch.arange(B)), "text -> image: every capt
 # ----------------------------------------------------------------------------- 4. the picture
 
 out = Path(__file__).resolve().parent.parent / "runs" / "lessons" / "03_similarity.png"
-try:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-except ImportError:
-    print(f"matplotlib is not installed: skipped {out}")
-else:
-    out.parent.mkdir(parents=True, exist_ok=True)
+plt = pyplot(out)
+if plt is not None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     lim = float(max(before.abs().max(), after.abs().max()))
     for ax, S, title in ((axes[0], before, "before"), (axes[1], after, f"after {STEPS} steps")):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _plots import pyplot  # lessons/_plots.py: matplotlib if installed
 
 import miniflamingo as mf
 from miniflamingo.resampler import PerceiverResampler
@@ -113,15 +114,8 @@ print("  " + " ".join(f"{v:.2f}" for v in on_grid.tolist()))
 assert torch.allclose(weights.sum(-1), torch.ones(1, nh, R))
 
 out = Path(__file__).resolve().parent.parent / "runs" / "lessons" / "05_latent_attention.png"
-try:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-except ImportError:
-    print(f"matplotlib is not installed: skipped {out}")
-else:
-    out.parent.mkdir(parents=True, exist_ok=True)
+plt = pyplot(out)
+if plt is not None:
     g = cfg.vision.stride
     grid = weights[0, :, :, :S].mean(0).view(R, 128 // g, 128 // g)  # (R, h, w) head-averaged
     fig, axes = plt.subplots(1, R + 1, figsize=(2 * (R + 1), 2.3))

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _plots import pyplot  # lessons/_plots.py: matplotlib if installed
 
 import miniflamingo as mf
 from miniflamingo.data import DocumentDataset, MixtureSampler, Source, collate
@@ -169,15 +170,8 @@ assert right < other - 0.1, "it is THIS image that helps: another pair's image d
 # ----------------------------------------------------------------------------- 4. the picture
 
 out = Path(__file__).resolve().parent.parent / "runs" / "lessons" / "09_gates.png"
-try:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-except ImportError:
-    print(f"matplotlib is not installed: skipped {out}")
-else:
-    out.parent.mkdir(parents=True, exist_ok=True)
+plt = pyplot(out)
+if plt is not None:
     steps = [h[0] for h in history]
     fig, (ax_g, ax_l) = plt.subplots(1, 2, figsize=(10, 4))
     for j in range(2 * len(model.xattn)):
