@@ -70,15 +70,6 @@ def unit(*shape):
     return F.normalize(torch.randn(*shape, dtype=torch.float64), dim=-1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convs on a shared 2-core machine: a second torch thread mostly waits on the first."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- the loss
 
 

@@ -3,45 +3,22 @@ context skipped as null, blind rows on the very same prompts with media zeroed, 
 blind row equal the seeing one, the table, loading runs (and naming a missing or corrupt checkpoint), and
 `eval` / `ask` end to end on a saved untrained tiny model."""
 
-import dataclasses
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import IMAGE_SIZE, tiny_model
 
 import miniflamingo as mf
 from miniflamingo import evaluate as ev
 from miniflamingo import fewshot as fs
 from miniflamingo.data import DataError
-from miniflamingo.flamingo import Flamingo
 from miniflamingo.trainutil import CheckpointError
 from miniflamingo.world import World
 
-IMAGE_SIZE = 32
 SAMPLES = Path(__file__).resolve().parent.parent / "data_samples" / "captions"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_model(open_gates: bool = True) -> Flamingo:
-    cfg = mf.FlamingoConfig.preset("tiny")
-    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=IMAGE_SIZE))
-    torch.manual_seed(0)
-    model = Flamingo(cfg)
-    with torch.no_grad():
-        if open_gates:
-            for layer in model.xattn:
-                layer.attn_gate.fill_(0.8)
-                layer.ff_gate.fill_(0.5)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -3,30 +3,17 @@ training documents, RICES on hand-built features, close-ended scoring from one c
 full forward of every sequence, prompt ensembling as a mean over orders, blind prompts as zero pixels, and
 decoding from precomputed vision features equal to decoding from pixels."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
+from helpers import IMAGE_SIZE, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import miniflamingo as mf
 from miniflamingo import fewshot as fs
 from miniflamingo.data import document_to_tokens
-from miniflamingo.flamingo import Flamingo
 from miniflamingo.world import World
-
-IMAGE_SIZE = 32  # the tiny encoder at 32x32: a 2x2 grid, fast
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors on a busy 2-core machine: one thread is faster. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +24,6 @@ def tok():
 @pytest.fixture(scope="module")
 def world():
     return World(image_size=IMAGE_SIZE, video_frames=3)
-
-
-def tiny_model(open_gates: bool = True) -> Flamingo:
-    """The tiny preset at 32x32 with the default tokenizer's vocabulary; gates opened so media matter."""
-    cfg = mf.FlamingoConfig.preset("tiny")
-    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=IMAGE_SIZE))
-    torch.manual_seed(0)
-    model = Flamingo(cfg)
-    with torch.no_grad():
-        if open_gates:
-            for layer in model.xattn:
-                layer.attn_gate.fill_(0.8)
-                layer.ff_gate.fill_(0.5)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -20,16 +20,6 @@ from miniflamingo.xattn import compute_phi
 IMAGE_SIZE = 32  # the tiny preset's encoder at 32x32: a 2x2 grid, S = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread start-up costs more than it saves, and on a busy 2-core machine two threads
-    made these tests 10x slower. Restored afterwards, so other test files are unaffected."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_cfg(vocab_size: int = 64, **xattn) -> mf.FlamingoConfig:
     tiny = mf.FlamingoConfig.preset("tiny")
     return mf.FlamingoConfig(

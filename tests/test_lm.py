@@ -291,12 +291,7 @@ def test_learns_in_context_copying():
     """Rows "a b c d e f g h | a b c d e f g h" of random tokens: the first half is unpredictable
     (loss ~ ln 16), the second half is predictable only by copying from context. A 2-layer ALiBi GPT
     must learn the induction-style copy within a few hundred steps (~4 s on one core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: one thread is as fast, and far faster on a crowded machine
-    try:
-        first, second = train_copy_task()
-    finally:
-        torch.set_num_threads(threads)
+    first, second = train_copy_task()  # one thread, as every test (conftest.py)
     print(f"copy task: first half {first:.2f}, second half {second:.2f}")
     assert first > 2.4, f"first half should stay near ln 16 = 2.77, got {first:.2f}"
     assert second < 0.25 * first, f"second half should be copied from context: {second:.2f} vs {first:.2f}"

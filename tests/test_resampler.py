@@ -17,16 +17,6 @@ CFG = mf.ResamplerConfig(n_layer=2, n_head=2, d_head=8, d_model=16, num_latents=
 D_MEDIA = 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread start-up costs more than it saves, and on a busy 2-core machine two threads
-    made these tests 10x slower. Restored afterwards, so other test files are unaffected."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def reference(m: PerceiverResampler, x: torch.Tensor) -> torch.Tensor:
     """Paper Fig. 3 written out one media and one head at a time, with explicit softmax."""
     B, T, n_frames, S, _ = x.shape

@@ -13,15 +13,6 @@ from miniflamingo.vision import GELU_GAMMA, VisionEncoder, WSConv2d
 TINY = FlamingoConfig.preset("tiny").vision
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convs on a shared 2-core machine: a second torch thread mostly waits on the first."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_scaled_gelu_keeps_unit_variance():
     z = torch.randn(1_000_000, generator=torch.Generator().manual_seed(0))
     var = (F.gelu(z) * GELU_GAMMA).var().item()

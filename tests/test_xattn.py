@@ -15,16 +15,6 @@ from miniflamingo.xattn import GatedXAttnDense, attend_all_previous_media, atten
 D, D_MEDIA = 16, 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread start-up costs more than it saves, and on a busy 2-core machine two threads
-    made these tests 10x slower. Restored afterwards, so other test files are unaffected."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def layer(only_immediate_media=True, gated=True, open_gates=True) -> GatedXAttnDense:
     cfg = mf.XAttnConfig(n_head=2, d_head=8, only_immediate_media=only_immediate_media, gated=gated)
     m = GatedXAttnDense(cfg, d_model=D, d_media=D_MEDIA)
