@@ -257,15 +257,17 @@ def apply_overrides(cfg, args: list[str]):
 
 
 def _tiny() -> FlamingoConfig:
-    # The CPU demo: 64x64 images, a model of a few million parameters. A 2-layer ALiBi GPT learns
-    # to copy in context within seconds on 2 cores, which few-shot binding rests on (DESIGN.md 5).
+    # The CPU demo: 64x64 images, a model of a few million parameters. Few-shot binding rests on the
+    # 2-layer ALiBi GPT binding words in context (DESIGN.md 5): with 8 heads of 16 (more ALiBi slopes)
+    # its text-only 5-way binding probe left chance a few hundred steps sooner than with 4 heads of 32
+    # (at step 1500 of 32 x 128 tokens: 0.65 vs 0.49, one run each on the world's corpus).
     return FlamingoConfig(
         vision=VisionConfig(
             image_size=64, stem_widths=(8, 16, 16, 32), widths=(32, 64, 96, 128), depths=(1, 1, 1, 1),
             strides=(1, 2, 2, 1), group_width=16, final_width=128,
         ),  # 64 / (4*4) = 4x4 grid, S = 16
         resampler=ResamplerConfig(n_layer=1, n_head=4, d_head=32, d_model=128, num_latents=8, max_frames=8),
-        lm=LMConfig(n_layer=2, n_head=4, d_model=128, vocab_size=1024, context_length=256),
+        lm=LMConfig(n_layer=2, n_head=8, d_model=128, vocab_size=1024, context_length=256),
         xattn=XAttnConfig(every=1, n_head=4, d_head=32),
         max_media=8,
     )

@@ -8,9 +8,11 @@ Notable features
 - The stages of DESIGN.md 4, each also a command of its own: contrastive pretraining of the vision
   encoder (`pretrain-vision`), next-token pretraining of the LM (`pretrain-lm`), Flamingo training with
   both frozen (`train`), then few-shot evaluation (`eval`) on held-out images, combinations and shapes.
-- Before Flamingo training it checks, and prints, that the frozen LM copies in context from text alone
-  (binding drills with fresh made-up words): cross-attention shows each token only its own image, so
-  matching a query image to an earlier one is the LM's job (DESIGN.md 5). If the LM cannot, it says so.
+- Before Flamingo training it checks, and prints, that the frozen LM binds in context from text alone
+  (fresh made-up words, each image an LM slot: lm_corpus.py): cross-attention shows each token only its
+  own image, so matching a query image to an earlier one is the LM's job (DESIGN.md 5). If the LM
+  cannot, it says so.
+- Vision and LM pretraining run side by side, each on one core (start_in_background says why).
 - Stages are cached: a finished stage is recorded in RUN/stages.json and skipped on a rerun; an
   interrupted stage resumes from its own checkpoint.
 """
@@ -19,26 +21,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from miniflamingo import evaluate, pretrain_lm, pretrain_vision, train
+from miniflamingo import evaluate, lm_corpus, pretrain_vision, train
 from miniflamingo.config import FlamingoConfig
 from miniflamingo.lm import GPT
 from miniflamingo.tokenizer import Tokenizer
 from miniflamingo.trainutil import load_checkpoint
 from miniflamingo.world import default_world
-from miniflamingo.world_text import BINDING_TEXT, stand_in
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 # Budgets for 2 CPU cores. --quick keeps every stage but shrinks it to seconds: it checks that the
 # pipeline runs, not that it learns.
 FULL = {
     "vision": ["--steps", "400"],
-    "lm": ["--steps", "400"],
-    "train": ["--steps", "900", "--lr", "2e-3"],
+    "lm": ["--steps", "1400"],
+    "train": ["--steps", "1300", "--lr", "2e-3"],
     "eval": ["--episodes", "40"],
 }
 QUICK = {
@@ -50,35 +55,46 @@ QUICK = {
 }
 
 
-# ----------------------------------------------------------------------------- the LM's copy probe
-
-
-@torch.no_grad()
-def lm_binding_probe(lm, tok, world, n_way: int = 5, episodes: int = 50, seed: int = 0) -> float:
-    """Text-only fast binding: each support image is replaced by the words naming it, as in the LM's
-    corpus (" red circle\\nThis is a dax.<|endofchunk|>"), with fresh made-up words; the LM must pick the
-    word bound to the query's shape among the n_way candidates. Chance is 1 / n_way."""
-    correct = 0
-    for e in range(episodes):
-        ep = world.binding_episode(n_way, 1, split="val", seed=seed + e)
-        prefix = "".join(f" {stand_in(s['attrs'])}\n{BINDING_TEXT.format(word=s['word'])}<|endofchunk|>"
-                         for s in ep["support"])
-        prefix += f" {stand_in(ep['query']['attrs'])}\n" + BINDING_TEXT.split("{word}")[0].rstrip()
-        p = tok.encode(prefix)
-        conts = [tok.encode_ordinary(" " + w + ".") for w in ep["candidates"]]
-        L = len(p) + max(len(c) for c in conts)
-        ids = torch.full((len(conts), L), tok.eot_id, dtype=torch.long)
-        for i, c in enumerate(conts):
-            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-        logp = lm(ids)[0].float().log_softmax(-1)  # (n_way, L, V); right padding never reaches the sum
-        # log P(candidate | prefix): the logits at position len(p) - 1 + j predict candidate token j
-        scores = [sum(logp[i, len(p) - 1 + j, t].item() for j, t in enumerate(c))
-                  for i, c in enumerate(conts)]
-        correct += ep["candidates"][scores.index(max(scores))] == ep["answer"]
-    return correct / episodes
-
-
 # ----------------------------------------------------------------------------- stages
+
+
+def start_in_background(name: str, argv: list[str], done: dict, run: Path):
+    """Start a stage in a child process, its output going to RUN/NAME_stage.log: (process, start time,
+    log path), or None if an earlier run finished it. Stage 1 (vision) and stage 2 (LM) are independent
+    (DESIGN.md 4) and each runs on one thread, where these tiny models are as fast as on two (the LM:
+    22.6k tokens/s on 2 threads, 23.4k on 1), so on 2 cores the demo runs them side by side."""
+    if done.get(name):
+        print(f"== {name}: done in an earlier run ({done[name]['seconds']:.0f} s), skipped", flush=True)
+        return None
+    log_path = run / f"{name}_stage.log"
+    print(f"== {name}: python -m miniflamingo {' '.join(argv)}  (in the background; its output goes to "
+          f"{log_path})", flush=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "miniflamingo", *argv], stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
+    return proc, time.perf_counter(), log_path
+
+
+def finish_background(name: str, job, done: dict, state_path: Path, show=("probe", "held-out")) -> None:
+    """Wait for a stage started by start_in_background; print its lines that matter (those containing
+    any of `show`), or its last lines if it failed."""
+    if job is None:
+        return
+    proc, t0, log_path = job
+    if proc.poll() is None:
+        print(f"== waiting for {name} ({log_path})", flush=True)
+    rc = proc.wait()
+    lines = log_path.read_text(errors="replace").splitlines()
+    if rc:
+        print("\n".join(lines[-20:]), flush=True)
+        raise SystemExit(f"demo: stage {name} failed (exit {rc}); its output: {log_path}")
+    for line in lines:
+        if any(word in line for word in show):
+            print(f"   {name}: {line}", flush=True)
+    done[name] = {"seconds": time.perf_counter() - t0}
+    state_path.write_text(json.dumps(done, indent=1))
 
 
 def run_stage(name: str, fn, argv: list[str], done: dict, state_path: Path) -> None:
@@ -108,28 +124,40 @@ def main(argv: list[str] | None = None) -> int:
     if done.get("quick", args.quick) != args.quick:
         raise SystemExit(f"demo: {run} holds a {'quick' if done['quick'] else 'full'} run; use another --run")
     done["quick"] = args.quick
+    # Stages set their own thread counts in this process (vision: 1); Flamingo training gains from all
+    # cores (15.5k tokens/s on 2 threads, 9.8k on 1, the tiny preset), so it gets the count torch began with.
+    threads = torch.get_num_threads()
     t0 = time.perf_counter()
     common = ["--run", str(run), "--seed", str(args.seed)]
 
-    run_stage("vision", pretrain_vision.main, ["pretrain-vision", *common, *budget["vision"]], done,
-              state_path)
-    run_stage("lm", pretrain_lm.main, ["pretrain-lm", *common, *budget["lm"]], done, state_path)
+    lm_job = start_in_background("lm", ["pretrain-lm", *common, "--threads", "1", *budget["lm"]], done, run)
+    try:
+        run_stage("vision", pretrain_vision.main, ["pretrain-vision", *common, *budget["vision"]], done,
+                  state_path)
+        finish_background("lm", lm_job, done, state_path)
+    finally:
+        if lm_job is not None and lm_job[0].poll() is None:  # interrupted: do not leave it running
+            lm_job[0].terminate()
 
     state = load_checkpoint(run / "lm.pt")
     lm = GPT(FlamingoConfig.from_dict({"lm": state["config"]}).lm)
     lm.load_state_dict(state["model"])
     lm.eval()
-    acc = lm_binding_probe(lm, Tokenizer.default(), default_world(), episodes=10 if args.quick else 100)
-    print(f"== LM copy probe: 5-way text-only binding with fresh words: {acc:.0%} (chance 20%)", flush=True)
+    acc = lm_corpus.binding_probe(lm, Tokenizer.default(), default_world(),
+                                    episodes=10 if args.quick else 100)
+    print(f"== LM binding probe: 5-way, fresh made-up words, images as slots: {acc:.0%} (chance 20%)",
+          flush=True)
     if acc < 0.5 and not args.quick:
-        # Measured: longer pretraining (up to 3000 steps), rotary positions and drill-only corpora did
-        # not fix it either; see README "The demo today". Training goes on: captions and VQA still learn.
-        print("   The frozen LM does not copy in context, so Flamingo cannot learn few-shot binding on top of"
-              " it; captioning and VQA still can. This is the known open problem of the tiny recipe "
-              "(README, 'The demo today').", flush=True)
+        # Binding appears in the LM as a jump after about 1000 steps (README, "The demo"); a run that
+        # missed it still trains, since captions and questions need only each token's own image.
+        print("   The frozen LM does not bind words in context, so Flamingo will not learn few-shot binding"
+              " on top of it (captioning and VQA still can). Pretrain the LM longer: python -m miniflamingo"
+              f" pretrain-lm --run {run} --steps 2500 (after deleting {run}/lm.pt), then rerun the demo.",
+              flush=True)
     done["lm_probe"] = acc
 
-    run_stage("train", train.main, ["train", *common, *budget["train"]], done, state_path)
+    run_stage("train", train.main, ["train", *common, "--threads", str(threads), *budget["train"]], done,
+              state_path)
     if done.get("eval"):  # the table of an earlier run, so a rerun always ends with it
         print(evaluate.format_table(json.loads((run / "eval.json").read_text())))
     run_stage("eval", evaluate.main, ["eval", "--run", str(run), *budget["eval"]], done, state_path)

@@ -4,7 +4,7 @@ Notable features
 - Prompts read like the training documents: each support example is a chunk `<image>{text}<|endofchunk|>`
   and the query is `<image>{prefix}`, for the model to continue. Texts come from world_text.py, the very
   strings the world's documents use: "Output: {caption}", "Question: {q} Short answer: {a}",
-  "This is a {word}.". Each text is tokenized on its own, as data.py does in training.
+  "{word}". Each text is tokenized on its own, as data.py does in training.
 - Zero-shot prompts carry two text-only examples: the task's format with the images removed (paper App.
   A.2), so the model knows what to write but has seen no image-text pair of the task.
 - Support selection: random, or RICES (retrieval-based in-context example selection, paper App. A.2):
@@ -55,9 +55,12 @@ class Prompt(NamedTuple):
 
 def _shot(template: str, slot: str, media, value: str | None, **fields) -> Shot:
     """Split a world template at its answer slot: "Question: {question} Short answer: {answer}" ->
-    prefix "Question: ... Short answer:", answer " {answer}" plus what follows the slot."""
-    head, tail = template.split(" {" + slot + "}")
-    return Shot(media, head.format(**fields), "" if value is None else f" {value}{tail}")
+    prefix "Question: ... Short answer:", answer " {answer}" plus what follows the slot; "{word}" ->
+    prefix "", answer "{word}"."""
+    head, tail = template.split("{" + slot + "}")
+    space = " " if head.endswith(" ") else ""  # the space before the slot belongs to the answer's first token
+    return Shot(media, head[: len(head) - len(space)].format(**fields),
+                "" if value is None else f"{space}{value}{tail}")
 
 
 def caption_shot(media, caption: str | None = None) -> Shot:
@@ -71,7 +74,8 @@ def vqa_shot(media, question: str, answer: str | None = None) -> Shot:
 
 
 def binding_shot(media, word: str | None = None) -> Shot:
-    """`<image>This is a {word}.<|endofchunk|>`: binding and classification (Frozen's "this is a dax")."""
+    """`<image>{word}<|endofchunk|>`: binding and classification (Frozen's "this is a dax", without the
+    "this is a": world_text.BINDING_TEXT says why)."""
     return _shot(BINDING_TEXT, "word", media, word)
 
 

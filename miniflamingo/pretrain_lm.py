@@ -1,21 +1,24 @@
 """Stage 2 of training (DESIGN.md 4): next-token pretraining of the small GPT on text.
 
-    python -m miniflamingo pretrain-lm                       # tiny preset, synthetic world corpus, ~2 min
+    python -m miniflamingo pretrain-lm                       # tiny preset, synthetic world corpus, ~4 min
     python -m miniflamingo pretrain-lm --corpus my.txt --run runs/lm --steps 2000 --preset small
     python -m miniflamingo pretrain-lm --lm.n_layer=4        # any config override
 
 Notable features
 - The corpus: by default the synthetic world's LM documents (`World.lm_corpus`: documents with each
   image replaced by words naming it, plus binding drills), so the frozen LM already copies in context
-  what Flamingo will ask it to bind (DESIGN.md 5). Or any text file with `--corpus`.
+  what Flamingo will ask it to bind (DESIGN.md 5). Each image becomes ONE position, an image slot whose
+  vector composes from those words (lm_corpus.py says why). Or any text file with `--corpus`.
 - Documents are joined by <|endoftext|>; each step samples random contiguous windows. Batches are drawn
   from a generator seeded by (seed, step), so a resumed run sees the same batches as an uninterrupted one.
 - `DIR/lm.pt` is written atomically and holds {"model", "config", "step", "optimizer"}; a run resumes
   from it. `DIR/lm_log.jsonl` gets a line per logged step and per evaluation.
 - AdamW with decay on matrices only, warmup + cosine, global grad-norm clip 1 (paper App. B.1.2).
 - `--dtype auto`: bf16 autocast only where it was measured to help (benchmarks/lm_autocast.py).
-- Reports in-context copying (loss on a random sequence's repeat vs its first occurrence), the skill
-  Flamingo's few-shot binding rests on; `--copy-drills FRAC` mixes in repeated random sequences.
+- Watches the skill Flamingo's few-shot binding rests on: on the world's corpus, a 5-way binding probe
+  (`lm_corpus.binding_probe`, fresh made-up words) at every evaluation; on any corpus, in-context
+  copying (loss on a random sequence's repeat vs its first occurrence). `--copy-drills FRAC` mixes in
+  repeated random sequences.
 
 Shapes: B batch, L window length.
 """
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from miniflamingo import lm_corpus
 from miniflamingo.config import FlamingoConfig, LMConfig
 from miniflamingo.lm import GPT
 from miniflamingo.trainutil import (
@@ -42,55 +46,33 @@ from miniflamingo.trainutil import (
     save_checkpoint,
     seed_everything,
 )
-
-FALLBACK_CORPUS = Path(__file__).resolve().parent.parent / "data_samples" / "tokenizer_corpus.txt"
-
+from miniflamingo.world import default_world
 
 # ----------------------------------------------------------------------------- data
 
 
-def load_corpus(args, tok) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(train ids, held-out ids, description): 1-D long tensors of documents joined by <|endoftext|>."""
-
-    def join(docs: list[str]) -> torch.Tensor:
-        ids = []
-        for d in docs:
-            ids += [tok.eot_id] + tok.encode(d)
-        return torch.tensor(ids, dtype=torch.long)
-
+def load_corpus(args, tok) -> tuple[lm_corpus.Corpus, lm_corpus.Corpus, str]:
+    """(train, held-out, description): documents joined, each after <|endoftext|>. The world's documents
+    have an image slot per image (lm_corpus.py); a text file has none."""
     if args.corpus is None:
-        try:
-            from miniflamingo.world import World
-
-            World.lm_corpus  # noqa: B018 (checks the world module offers the corpus)
-        except (ImportError, AttributeError) as e:
-            print(f"synthetic world corpus unavailable ({e}); using {FALLBACK_CORPUS}", file=sys.stderr)
-            path = FALLBACK_CORPUS
-        else:
-            world = World()
-            train = world.lm_corpus(args.docs, seed=args.seed)
-            val = world.lm_corpus(args.val_docs, seed=args.seed + 1_000_003)  # other documents
-            return join(train), join(val), f"synthetic world, {args.docs} + {args.val_docs} held-out docs"
-    else:
-        path = Path(args.corpus)
+        world = default_world()
+        train = world.lm_corpus(args.docs, seed=args.seed)
+        val = world.lm_corpus(args.val_docs, seed=args.seed + 1_000_003)  # other documents
+        return (lm_corpus.encode_documents(train, tok), lm_corpus.encode_documents(val, tok),
+                f"synthetic world, {args.docs} + {args.val_docs} held-out docs, an image slot per image")
+    path = Path(args.corpus)
     if not path.is_file():
         raise SystemExit(f"pretrain-lm: corpus file {path} not found")
-    ids = join([path.read_text(encoding="utf-8")])
+    ids = torch.tensor([tok.eot_id] + tok.encode(path.read_text(encoding="utf-8")), dtype=torch.long)
     n_val = max(len(ids) // 20, args.seq_len + 2)  # last 5% held out
     if len(ids) - n_val < args.seq_len + 2:
         raise SystemExit(f"pretrain-lm: corpus {path} has {len(ids)} tokens, too few for --seq-len "
                          f"{args.seq_len}")
-    return ids[:-n_val], ids[-n_val:], f"{path}: {len(ids)} tokens, last {n_val} held out"
+    return (lm_corpus.text_corpus(ids[:-n_val]), lm_corpus.text_corpus(ids[-n_val:]),
+            f"{path}: {len(ids)} tokens, last {n_val} held out")
 
 
-def get_batch(ids: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator):
-    """Random contiguous windows: x = ids[s : s+L], y = ids[s+1 : s+L+1], each (B, L)."""
-    starts = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=gen)
-    windows = torch.stack([ids[s: s + seq_len + 1] for s in starts.tolist()])  # (B, L+1)
-    return windows[:, :-1], windows[:, 1:]
-
-
-def copy_drills(batch_x, batch_y, vocab: torch.Tensor, frac: float, gen: torch.Generator):
+def copy_drills(batch_x, batch_y, batch_slots, vocab: torch.Tensor, frac: float, gen: torch.Generator):
     """Replace a fraction of the rows by a random sequence of tokens, drawn uniformly from `vocab` (the
     ordinary tokens of the corpus), repeated over the whole window ("a b c a b c a b c ..."). After its
     first period a row is predictable only by copying from context, which pushes a small LM to form the
@@ -101,20 +83,22 @@ def copy_drills(batch_x, batch_y, vocab: torch.Tensor, frac: float, gen: torch.G
         period = int(torch.randint(8, 33, (), generator=gen))
         span = vocab[torch.randint(0, len(vocab), (period,), generator=gen)]
         row = span.repeat(L // period + 2)[: L + 1]  # (L+1,)
-        batch_x[r], batch_y[r] = row[:-1], row[1:]
-    return batch_x, batch_y
+        batch_x[r], batch_y[r], batch_slots[r] = row[:-1], row[1:], -1
+    return batch_x, batch_y, batch_slots
 
 
 @torch.no_grad()
-def evaluate(model, ids, args, device, autocast) -> float:
+def evaluate(model, corpus: lm_corpus.Corpus, args, device, autocast) -> float:
     """Mean loss over fixed held-out windows (the same every call: a fixed generator)."""
     model.eval()
     gen = torch.Generator().manual_seed(1234)
     losses = []
     for _ in range(args.eval_batches):
-        x, y = get_batch(ids, args.batch_size, min(args.seq_len, len(ids) - 2), gen)
+        seq_len = min(args.seq_len, len(corpus.ids) - 2)
+        x, y, slots = lm_corpus.get_batch(corpus, args.batch_size, seq_len, gen)
         with autocast:
-            losses.append(model(x.to(device), y.to(device))[1].item())
+            loss = lm_corpus.forward(model, corpus, x.to(device), slots.to(device), y.to(device))[1]
+        losses.append(loss.item())
     model.train()
     return sum(losses) / len(losses)
 
@@ -157,16 +141,18 @@ def parse_args(argv):
     )
     ap.add_argument("--preset", default="tiny", help="config preset (default tiny)")
     ap.add_argument("--corpus", default=None, help="text file (default: the synthetic world's LM documents)")
-    ap.add_argument("--docs", type=int, default=4000, help="synthetic world documents to train on")
+    ap.add_argument("--docs", type=int, default=20000, help="synthetic world documents to train on")
     ap.add_argument("--val-docs", type=int, default=200, help="synthetic world documents held out")
     ap.add_argument("--run", default="runs/lm", help="run folder: lm.pt, lm_log.jsonl (default runs/lm)")
-    ap.add_argument("--steps", type=int, default=300, help="total optimizer steps (the lr schedule's length)")
+    ap.add_argument("--steps", type=int, default=1500, help="optimizer steps (the lr schedule's length)")
     ap.add_argument("--stop-at", type=int, default=None, help="stop (and checkpoint) at this step")
     ap.add_argument("--seconds", type=float, default=None, help="stop (and checkpoint) after this wall time")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=None, help="window length (default: lm.context_length)")
-    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=None,
+                    help="window length (default: 128 on the world's corpus, whose documents are about 80 "
+                         "tokens; lm.context_length on a text file)")
+    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="auto")
@@ -186,7 +172,10 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = FlamingoConfig.preset(args.preset).override(overrides).lm
-    args.seq_len = args.seq_len or cfg.context_length
+    # Binding emerged after a number of STEPS (about 1000 at 32 x 128 on the tiny preset), so on the
+    # world's short documents many short windows beat a few long ones.
+    if args.seq_len is None:
+        args.seq_len = min(128, cfg.context_length) if args.corpus is None else cfg.context_length
     if args.seq_len > cfg.context_length:
         raise SystemExit(f"pretrain-lm: --seq-len {args.seq_len} exceeds lm.context_length="
                          f"{cfg.context_length}")
@@ -202,11 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     if tok.n_vocab != cfg.vocab_size:
         raise SystemExit(f"pretrain-lm: tokenizer has {tok.n_vocab} ids but lm.vocab_size={cfg.vocab_size}")
     t0 = time.perf_counter()
-    train_ids, val_ids, what = load_corpus(args, tok)
-    print(f"corpus: {what}; {len(train_ids):,} train / {len(val_ids):,} held-out tokens "
+    train, val, what = load_corpus(args, tok)
+    print(f"corpus: {what}; {len(train.ids):,} train / {len(val.ids):,} held-out tokens "
           f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
 
-    drill_vocab = train_ids.unique()
+    world = default_world() if args.corpus is None else None  # then watch the LM learn to bind
+    drill_vocab = train.ids.unique()
     drill_vocab = drill_vocab[drill_vocab < tok.eot_id]  # ordinary tokens seen in the corpus
     model = GPT(cfg).to(device)
     opt = configure_optimizer(model, args.lr, args.weight_decay)
@@ -228,6 +218,18 @@ def main(argv: list[str] | None = None) -> int:
         save_checkpoint(ckpt_path, {"model": model.state_dict(), "config": dataclasses.asdict(cfg),
                                     "step": step, "optimizer": opt.state_dict()})
 
+    def skills(final: bool = False) -> dict:
+        """The in-context skill Flamingo will need: binding on the world's corpus (slots), copying a
+        random token sequence on plain text."""
+        if world is not None:
+            acc = lm_corpus.binding_probe(model, tok, world, episodes=100 if final else 50)
+            progress.write(f"step {step}: 5-way binding probe (fresh words, slots) {acc:.0%}, chance 20%")
+            return {"binding_probe": acc}
+        first, second = copy_losses(model, drill_vocab, device, n=min(32, cfg.context_length // 2))
+        progress.write(f"step {step}: in-context copy of a random token sequence: loss {first:.2f} on its "
+                       f"first occurrence, {second:.2f} on its repeat")
+        return {"copy_first_half": first, "copy_second_half": second}
+
     train_model = torch.compile(model) if args.compile else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     stop = min(args.steps, args.stop_at or args.steps)
@@ -240,11 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         for group in opt.param_groups:
             group["lr"] = lr
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # batches depend on step alone
-        x, y = get_batch(train_ids, args.batch_size, args.seq_len, gen)
+        x, y, slots = lm_corpus.get_batch(train, args.batch_size, args.seq_len, gen)
         if args.copy_drills > 0:
-            x, y = copy_drills(x, y, drill_vocab, args.copy_drills, gen)
+            x, y, slots = copy_drills(x, y, slots, drill_vocab, args.copy_drills, gen)
         with autocast:
-            _, loss = train_model(x.to(device), y.to(device))
+            _, loss = lm_corpus.forward(train_model, train, x.to(device), slots.to(device), y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -258,9 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             log.log(step=step, loss=loss, lr=lr, grad_norm=grad_norm.item(),
                     tokens_per_s=progress.tokens / (time.perf_counter() - progress.t0))
         if step % args.eval_every == 0 and step < stop:
-            first, second = copy_losses(model, drill_vocab, device, n=min(32, cfg.context_length // 2))
-            log.log(step=step, val_loss=evaluate(model, val_ids, args, device, autocast),
-                    copy_first_half=first, copy_second_half=second)
+            log.log(step=step, val_loss=evaluate(model, val, args, device, autocast), **skills())
         if step % args.save_every == 0:
             checkpoint()
         if args.seconds is not None and time.perf_counter() - t_start > args.seconds:
@@ -268,13 +268,10 @@ def main(argv: list[str] | None = None) -> int:
             break
     progress.close()
     checkpoint()
-    val = evaluate(model, val_ids, args, device, autocast)
-    first, second = copy_losses(model, drill_vocab, device, n=min(32, cfg.context_length // 2))
-    log.log(step=step, val_loss=val, copy_first_half=first, copy_second_half=second)
+    val_loss = evaluate(model, val, args, device, autocast)
+    log.log(step=step, val_loss=val_loss, **skills(final=True))
     log.close()
-    print(f"in-context copy of a random token sequence: loss {first:.2f} on its first occurrence, "
-          f"{second:.2f} on its repeat", file=sys.stderr)
-    print(f"step {step}/{args.steps}: held-out loss {val:.4f} (ppl {math.exp(val):.2f}); "
+    print(f"step {step}/{args.steps}: held-out loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f}); "
           f"{time.perf_counter() - t_start:.0f} s; checkpoint {ckpt_path}")
     return 0
 

@@ -153,7 +153,7 @@ def parse_args(argv):
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--vision", default=None, help="stage-1 checkpoint (default RUN/vision.pt)")
     ap.add_argument("--lm", default=None, help="stage-2 checkpoint (default RUN/lm.pt)")
-    ap.add_argument("--steps", type=int, default=900, help="total optimizer steps (the schedule's length)")
+    ap.add_argument("--steps", type=int, default=1300, help="total optimizer steps (the schedule's length)")
     ap.add_argument("--stop-at", type=int, default=None, help="stop (and checkpoint) at this step")
     ap.add_argument("--seconds", type=float, default=None, help="stop (and checkpoint) after this wall time")
     ap.add_argument("--batch-size", type=int, default=16, help="interleaved documents per step (per rank)")

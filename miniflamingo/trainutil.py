@@ -199,6 +199,12 @@ class Progress:
             self.stream.flush()
         return line
 
+    def write(self, message: str) -> None:
+        """A line of its own (an evaluation result) that the status line does not overwrite."""
+        self.stream.write(("\r\033[K" if self.tty else "") + message + "\n")
+        self.stream.flush()
+        self._last_draw = 0.0  # redraw the status line on the next update
+
     def close(self) -> None:
         if self.tty:
             self.stream.write("\n")

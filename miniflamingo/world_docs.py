@@ -23,9 +23,14 @@ from miniflamingo.world_render import COLOURS, HELDOUT_COMBOS, NOVEL_SHAPES, SHA
 from miniflamingo.world_text import BINDING_TEXT, CAPTION_TEMPLATES, CAPTION_TEXT, QA_TEXT
 
 # Document families and their default weights; documents(families=...) takes a dict or a list of names.
-FAMILIES = {"captions": 0.2, "questions": 0.2, "binding": 0.25, "ambiguous": 0.1, "attribute": 0.15,
-            "video": 0.1}
-LM_FAMILIES = {"documents": 0.4, "binding_drill": 0.2, "vector_drill": 0.2, "ambiguous_drill": 0.1,
+# Binding-heavy: binding is the slowest skill to learn (the others also come from the image-text and
+# video-text pairs). Measured in one demo-sized run (same LM, 1400 steps): 5-way 1-shot binding 90% with
+# binding at 0.6; with 0.25 and 700 steps it stayed at chance, with 0.6 and 700 steps it reached 47.5%.
+FAMILIES = {"captions": 0.1, "questions": 0.1, "binding": 0.6, "ambiguous": 0.1, "attribute": 0.05,
+            "video": 0.05}
+# Drill-heavy: with 0.2 documents and 0.3 each of the two binding drills the tiny LM's binding probe
+# reached 0.90 at step 1250 (32 x 128 tokens), 0.39 with the five families at 0.2 each (one run each).
+LM_FAMILIES = {"documents": 0.2, "binding_drill": 0.3, "vector_drill": 0.3, "ambiguous_drill": 0.1,
                "pairs": 0.1}
 MAX_MEDIA = 8  # media per document: 3 to 8
 
@@ -154,16 +159,15 @@ def document_chunks(world, rng, split: str, families=None) -> tuple[str, dict, l
 
 
 def lm_document(world, rng, families=None) -> str:
-    """One text document: " red circle\nThis is a dax.<|endofchunk|> blue star\nThis is a wug.<|endofchunk|>".
+    """One text document: " red circle\ndax<|endofchunk|> blue star\nwug<|endofchunk|>".
     Families (LM_FAMILIES): "documents" (world documents, images -> stand-in words), "binding_drill",
     "vector_drill", "ambiguous_drill", "pairs" (unrelated captions and questions). For the two-stage
     curriculum of issue 3 (binding first, ambiguous words second), pass families without
     "ambiguous_drill", then with it."""
     family = _pick(rng, families, LM_FAMILIES)
-    compact = rng.random() < 0.3  # the drill form "circle dax<|endofchunk|>" beside "This is a dax."
 
     def label(word: str) -> str:
-        return word if compact else BINDING_TEXT.format(word=word)
+        return BINDING_TEXT.format(word=word)
 
     if family == "documents":
         _, _, chunks = document_chunks(world, rng, "train")
@@ -204,9 +208,12 @@ def lm_document(world, rng, families=None) -> str:
                 q = wt.question(a, rng, forbidden=frozenset(HELDOUT_COMBOS))
                 text = QA_TEXT.format(question=q["question"], answer=q["answer"])
             parts.append((wt.stand_in(a), text))
-    # " red circle\nThis is a dax.": the leading space makes the stand-in tokenize like the same words
-    # inside a caption (" red", " circle"), the newline makes the text tokenize exactly as it does
-    # after <image> in a Flamingo document ("This", not " This").
+    # " red circle\ndax": the leading space makes the stand-in tokenize like the same words inside a
+    # caption (" red", " circle"); the newline makes the text tokenize exactly as it does after <image> in
+    # a Flamingo document ("Output", not " Output"), and it marks where the image ends: the token before
+    # the text is always the same, as <image> is in Flamingo. Measured: with a space instead, the LM never
+    # learned to bind (probe 0.10 after 1500 steps; likely because a vector drill's symbols then run
+    # straight into its word, so no token says where the word starts).
     return "".join(f" {s}\n{t}{EOC}" for s, t in parts)
 
 

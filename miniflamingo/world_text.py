@@ -23,7 +23,11 @@ POSITIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom 
              "bottom right")
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
 DIRECTIONS = ("left", "right", "up", "down")
-BINDING_TEXT = "This is a {word}."  # binding chunks (Frozen's "this is a dax"), documents and eval alike
+# Binding chunks, documents and eval alike: the made-up word right after its image, `<image>dax<|endofchunk|>`
+# (the issue's drill form). Frozen's "This is a dax." puts three tokens between the image and its word; our
+# 2x128 LM did not learn to bind through them (text-only 5-way probe 0.22 after 1500 steps of 32 x 128
+# tokens), while with the word right after its stand-in it reached 1.00 on drills and 0.76 on the full mix.
+BINDING_TEXT = "{word}"
 CAPTION_TEXT = "Output: {caption}"  # DESIGN.md 6: <image>Output: {caption}<|endofchunk|>
 QA_TEXT = "Question: {question} Short answer: {answer}"  # as in <image>Question: {q} Short answer: {a}
 

@@ -25,7 +25,8 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     for f in ("vision.pt", "lm.pt", "flamingo.pt", "eval.json", "stages.json"):
         assert (tmp_path / f).is_file(), f"demo did not write {f}"
-    assert "LM copy probe" in r.stdout
+    assert "LM binding probe" in r.stdout
+    assert (tmp_path / "lm_stage.log").is_file(), "the LM stage runs in the background, logging there"
     results = json.loads((tmp_path / "eval.json").read_text())
     for name, task in results["tasks"].items():
         assert set(task) >= {"metric", "shots", "blind"}, name

@@ -352,15 +352,64 @@ def test_pretrain_lm_resumes_to_the_same_weights(tmp_path, capsys):
 
 
 def test_copy_drills_are_periodic_shifted_windows():
-    from miniflamingo.pretrain_lm import copy_drills, get_batch
+    from miniflamingo.lm_corpus import get_batch, text_corpus
+    from miniflamingo.pretrain_lm import copy_drills
 
-    ids = torch.arange(1000)
     gen = torch.Generator().manual_seed(0)
-    x, y = get_batch(ids, 8, 40, gen)
-    x, y = copy_drills(x, y, torch.arange(5000, 5100), 0.5, gen)
+    x, y, slots = get_batch(text_corpus(torch.arange(1000)), 8, 40, gen)
+    assert (slots == -1).all(), "plain text has no image slots"
+    x, y, slots = copy_drills(x, y, slots, torch.arange(5000, 5100), 0.5, gen)
     assert torch.equal(x[:, 1:], y[:, :-1]), "targets must be the inputs shifted by one"
     assert ((x[:4] >= 5000) & (x[:4] < 5100)).all(), "drill tokens come from the given vocabulary"
     for r in range(4):  # drilled rows repeat one random sequence: x[t] == x[t + period]
         periods = [p for p in range(8, 33) if torch.equal(x[r, p:], x[r, :-p])]
         assert periods, f"row {r} is not periodic: {x[r].tolist()}"
     assert torch.equal(x[4:, 1:] - x[4:, :-1], torch.ones(4, 39, dtype=torch.long)), "other rows untouched"
+
+
+def test_lm_corpus_slots_are_one_position_per_image():
+    """World.lm_corpus text -> ids exactly as Flamingo sees a document (<image>, the text's own tokens,
+    <|endofchunk|>), each <image> a slot holding its stand-in's tokens; the slot's vector is
+    e(<image>) + sum of the stand-in's embeddings / sqrt(count); predicting an <image> is masked."""
+    from miniflamingo import lm_corpus
+    from miniflamingo.tokenizer import Tokenizer
+
+    tok = Tokenizer.default()
+    doc = " red circle\ndax<|endofchunk|> blue square , red star\nOutput: a blue square<|endofchunk|>"
+    c = lm_corpus.encode_documents([doc], tok)
+    assert tok.decode(c.ids.tolist()) == ("<|endoftext|><image>dax<|endofchunk|>"
+                                          "<image>Output: a blue square<|endofchunk|>")
+    assert c.ids.tolist() == ([tok.eot_id, tok.image_id] + tok.encode_ordinary("dax") + [tok.eoc_id]
+                              + [tok.image_id] + tok.encode_ordinary("Output: a blue square") + [tok.eoc_id])
+    assert (c.slot_of >= 0).sum() == 2 and (c.ids[c.slot_of >= 0] == tok.image_id).all()
+    stand_ins = [tok.decode([t for t in row.tolist() if t >= 0]) for row in c.slot_table]
+    assert stand_ins == [" red circle", " blue square , red star"]
+    with pytest.raises(ValueError, match="stand-in"):
+        lm_corpus.encode_documents(["no newline here<|endofchunk|>"], tok)
+
+    lm = GPT(LMConfig(n_layer=1, n_head=2, d_model=16, vocab_size=tok.n_vocab, context_length=64))
+    x, slots = c.ids[None], c.slot_of[None]
+    emb = lm_corpus.embed(lm, x, slots, c.slot_table)
+    e = lm.wte.weight
+    for pos in (c.slot_of >= 0).nonzero().flatten().tolist():  # the slow way, one slot at a time
+        words = [t for t in c.slot_table[c.slot_of[pos]].tolist() if t >= 0]
+        want = e[tok.image_id] + e[words].sum(0) / len(words) ** 0.5
+        torch.testing.assert_close(emb[0, pos], want)
+    others = c.slot_of < 0
+    torch.testing.assert_close(emb[0, others], e[c.ids[others]])
+
+    x, y, s = lm_corpus.get_batch(c, 3, 8, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == s.shape == (3, 8)
+    assert ((y == -100) == (x.roll(-1, 1) == tok.image_id))[:, :-1].all()  # exactly the <image> targets
+    assert ((s >= 0) == (x == tok.image_id)).all()
+
+
+def test_binding_probe_runs_and_is_near_chance_untrained():
+    """The probe on an untrained LM: a fraction, near chance (1/5) over 40 episodes."""
+    from miniflamingo import lm_corpus
+    from miniflamingo.tokenizer import Tokenizer
+    from miniflamingo.world import default_world
+
+    lm = GPT(mf.FlamingoConfig.preset("tiny").lm)
+    acc = lm_corpus.binding_probe(lm, Tokenizer.default(), default_world(), episodes=40)
+    assert 0.0 <= acc <= 0.5

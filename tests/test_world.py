@@ -127,12 +127,12 @@ def test_documents_are_aligned_and_well_formed(train_docs):
         for m in media:
             assert m.dtype == np.uint8 and m.shape[-3:] == (64, 64, 3) and m.ndim in (3, 4)
         for t in d["texts"]:
-            assert t is None or (t.startswith(("Output: ", "Question: ", "This is a ")) and "<" not in t)
+            assert t is None or ((t.startswith(("Output: ", "Question: ")) or t.isalpha()) and "<" not in t)
         assert d["images"][0] is not None  # each media comes before its text
 
 
 def _word(text):
-    return re.fullmatch(r"This is a (\w+)\.", text).group(1)
+    return re.fullmatch(r"([a-z]+)", text).group(1)
 
 
 def test_binding_documents_are_consistent_and_need_their_context():
@@ -300,8 +300,8 @@ def test_lm_corpus_families():
     drill = W.lm_corpus(1, seed=2, families=["binding_drill"])[0]
     chunks = drill.split("<|endofchunk|>")[:-1]
     shape_word = {}
-    for c in chunks:  # "red circle This is a dax." or "red circle dax": a shape keeps its word
-        words = c.replace("This is a ", "").rstrip(".").split()
+    for c in chunks:  # " red circle\ndax": a shape keeps its word
+        words = c.split()
         assert shape_word.setdefault(words[1], words[-1]) == words[-1]
 
 
