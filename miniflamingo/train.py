@@ -2,6 +2,7 @@
 
     python -m miniflamingo train --run runs/demo          # needs runs/demo/vision.pt and runs/demo/lm.pt
     torchrun --nproc_per_node=2 -m miniflamingo train --run-dir runs/ddp   # DistributedDataParallel
+    torchrun --nproc_per_node=2 -m miniflamingo train --run-dir runs/fsdp --fsdp   # sharded (FSDP)
 
 Notable features
 - The vision encoder and the LM come from stages 1 and 2 and stay frozen; only the Perceiver Resampler,
@@ -17,6 +18,7 @@ Notable features
   any point and resumed ends with the same parameters as an uninterrupted one.
 - Under torchrun each rank reads a disjoint shard; the loss is normalised by the token count of the
   global batch, so N processes compute exactly the gradient of one process with N times the batch.
+  `--fsdp` shards the parameters, gradients and optimizer state instead of replicating them (sharding.py).
 - A NaN or infinite loss stops the run, naming the step, the dataset and the last good checkpoint.
 
 Shapes: B batch, T media slots, F frames, S grid cells, Dv feature width, L text length.
@@ -34,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from miniflamingo import sharding
 from miniflamingo.config import FlamingoConfig
 from miniflamingo.data import DocumentDataset, MixtureSampler, Source
 from miniflamingo.flamingo import Flamingo
@@ -173,6 +176,9 @@ def parse_args(argv):
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--fsdp", action="store_true",
+                    help="under torchrun, shard parameters, gradients and optimizer state across ranks "
+                         "(FSDP, sharding.py) instead of replicating them (DDP)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="auto",
                     help="bf16 autocast; auto: the LM's measured rule (bf16 on GPUs, on CPU from width 256)")
@@ -196,9 +202,9 @@ def parse_weights(text: str | None) -> dict[str, float]:
 
 
 def gates(model: Flamingo) -> dict[str, list[float]]:
-    """tanh of every gate, to watch the layers open (lesson 9)."""
-    return {"attn": [round(math.tanh(x.attn_gate.item()), 5) for x in model.xattn],
-            "ffw": [round(math.tanh(x.ff_gate.item()), 5) for x in model.xattn]}
+    """tanh of every gate, to watch the layers open (lesson 9). A collective when sharded (FSDP)."""
+    values = [round(math.tanh(g.item()), 5) for g in sharding.gate_values(model)]
+    return {"attn": values[0::2], "ffw": values[1::2]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,7 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"train: tokenizer has {tok.n_vocab} ids but lm.vocab_size={cfg.lm.vocab_size}")
     model = build_model(cfg, run, args.vision, args.lm).to(device)
     sampler = MixtureSampler(world_sources(model, tok, args, weights), seed=args.seed, rank=rank,
-                             world_size=world_size)
+                             world_size=world_size)  # encodes the world's media: before any sharding
+    n = model.param_counts()
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    fsdp = args.fsdp and world_size > 1
+    if fsdp:
+        sharding.shard(model)  # each rank now holds 1/world_size of every parameter
     opt = configure_optimizer(model, args.lr, args.weight_decay,
                               no_decay=("resampler", "latents", "temporal", "special_embeddings"))
     ckpt_path, step = run / "flamingo.pt", 0
@@ -227,26 +238,29 @@ def main(argv: list[str] | None = None) -> int:
         if state["config"] != cfg.to_dict():
             raise SystemExit(f"train: {ckpt_path} holds another config; use another --run or the same "
                              f"options")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        if fsdp:
+            sharding.load_state_dicts(model, opt, state["model"], state["optimizer"])
+        else:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
         step = state["step"]
         log(f"resuming from {ckpt_path} at step {step}")
     dtype = auto_dtype(cfg.lm, device) if args.dtype == "auto" else args.dtype
-    n = model.param_counts()
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"Flamingo ({args.preset}): {n['total'] / 1e6:.2f}M parameters, {trained / 1e6:.2f}M trained "
         f"(resampler {n['resampler'] / 1e6:.2f}M, xattn {n['xattn'] / 1e6:.2f}M); {world_size} process(es) "
-        f"on {device} in {dtype}; lambda {weights}")
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+        f"on {device} in {dtype}{', FSDP' if fsdp else ''}; lambda {weights}")
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 and not fsdp else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
     last_good = None
 
     def checkpoint():
         nonlocal last_good
+        model_state, opt_state = sharding.state_dicts(model, opt) if fsdp else (model.state_dict(),
+                                                                                 opt.state_dict())
         if rank == 0:
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "config": cfg.to_dict(), "step": step,
-                                        "optimizer": opt.state_dict(), "args": vars(args)})
+            save_checkpoint(ckpt_path, {"model": model_state, "config": cfg.to_dict(), "step": step,
+                                        "optimizer": opt_state, "args": vars(args)})
         last_good = f"{ckpt_path} (step {step})"
 
     stop = min(args.steps, args.stop_at or args.steps)
@@ -277,18 +291,21 @@ def main(argv: list[str] | None = None) -> int:
             if not math.isfinite(losses[b.name]):
                 raise SystemExit(f"train: loss is {losses[b.name]} at step {step + 1} on the {b.name!r} "
                                  f"batch; last good checkpoint: {last_good or 'none'}")
-            # mean over this rank's tokens -> sum / global tokens, times world_size because DDP averages
+            # mean over this rank's tokens -> sum / global tokens, times world_size because DDP (and FSDP's
+            # reduce-scatter) averages gradients over ranks
             (b.weight * loss * n_local * world_size / n_global).backward()
             tokens += x.numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                   args.grad_clip)
+        grad_norm = sharding.full_tensor(torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], args.grad_clip))
         opt.step()
         step += 1
         total = sum(weights[k] * v for k, v in losses.items())
         progress.update(step, total, tokens=tokens * world_size, lr=lr)
-        if logger and (step % args.log_every == 0 or step == stop):
-            logger.log(step=step, loss=total, lr=lr, grad_norm=grad_norm.item(),
-                       **{f"loss_{k}": v for k, v in losses.items()}, gates=gates(model))
+        if step % args.log_every == 0 or step == stop:
+            g = gates(model)  # every rank: a collective under FSDP
+            if logger:
+                logger.log(step=step, loss=total, lr=lr, grad_norm=grad_norm.item(),
+                           **{f"loss_{k}": v for k, v in losses.items()}, gates=g)
         if step % args.save_every == 0:
             checkpoint()
         if args.seconds is not None and time.perf_counter() - t_start > args.seconds:
@@ -301,9 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     g = gates(model)
     log(f"step {step}/{args.steps}: {time.perf_counter() - t_start:.0f} s; tanh(attn gates) {g['attn']}, "
         f"tanh(ffw gates) {g['ffw']}; checkpoint {ckpt_path}")
-    if world_size > 1:
+    if fsdp:
+        log(f"parameters sharded across {world_size} ranks (FSDP)")
+    elif world_size > 1:
         diff = check_ranks_agree(model, world_size)
         log(f"parameters identical across {world_size} ranks (max difference {diff})")
+    if world_size > 1:
         dist.destroy_process_group()
     return 0
 

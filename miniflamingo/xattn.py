@@ -141,8 +141,9 @@ class GatedXAttnDense(nn.Module):
         self.ffw = FeedForward(d_model, cfg.ff_mult)
         # paper 2.2: tanh(0) = 0 at init, so the layer starts as the identity and the model as its LM.
         # Without gating (ablation) the gates are unused and frozen: DDP sees no unused trainable parameter.
-        self.attn_gate = nn.Parameter(torch.zeros(()), requires_grad=cfg.gated)
-        self.ff_gate = nn.Parameter(torch.zeros(()), requires_grad=cfg.gated)
+        # One scalar each (paper 2.2), held as shape (1,): FSDP cannot shard 0-dim parameters (sharding.py).
+        self.attn_gate = nn.Parameter(torch.zeros(1), requires_grad=cfg.gated)
+        self.ff_gate = nn.Parameter(torch.zeros(1), requires_grad=cfg.gated)
 
     def forward(self, x: torch.Tensor, media: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         self._check(x, media, phi)

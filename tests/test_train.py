@@ -85,17 +85,22 @@ def test_sigkill_and_resume_ends_like_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, mode):
+    """DDP replicates, FSDP shards parameters, gradients and AdamW state: either way two processes compute
+    what one process computes with the same global batch."""
     one, two = tmp_path / "one", tmp_path / "two"
     for run in (one, two):
         pretrained_stand_ins(run)
     batch = ["--batch-size", "2", "--pair-batch-size", "2", "--video-batch-size", "1"]
-    r2 = train(two, "--steps", "3", *batch, "--device", "cpu", nproc=2)
+    fsdp = ["--fsdp"] if mode == "fsdp" else []
+    r2 = train(two, "--steps", "3", *batch, "--device", "cpu", *fsdp, nproc=2)
     assert r2.returncode == 0, r2.stdout + r2.stderr
     double = ["--batch-size", "4", "--pair-batch-size", "4", "--video-batch-size", "2"]
     r1 = train(one, "--steps", "3", *double)
     assert r1.returncode == 0, r1.stdout + r1.stderr
-    assert "parameters identical across 2 ranks" in r2.stderr
+    said = "parameters sharded across 2 ranks" if fsdp else "parameters identical across 2 ranks"
+    assert said in r2.stderr
     # the same global batch: the same loss per dataset and the same (global) gradient norm at every step
     logs = [[json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
             for run in (one, two)]
@@ -106,6 +111,14 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     a, b = trained_state(one), trained_state(two)
     assert_same(a, b, atol=1e-5)
     assert any((v != 0).any() for k, v in a.items() if "gate" in k), "gates never moved: nothing was tested"
+    if fsdp:  # a sharded run stopped and resumed from its (full, rank-0-written) checkpoint ends the same
+        three = tmp_path / "three"
+        pretrained_stand_ins(three)
+        for stop in (["--stop-at", "2"], []):
+            r3 = train(three, "--steps", "3", *batch, "--device", "cpu", *fsdp, *stop, nproc=2)
+            assert r3.returncode == 0, r3.stdout + r3.stderr
+        assert "resuming from" in r3.stderr
+        assert_same(trained_state(three), b)
 
 
 def test_nan_loss_stops_naming_step_dataset_and_checkpoint(tmp_path, monkeypatch):
