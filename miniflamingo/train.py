@@ -18,7 +18,7 @@ Notable features
   any point and resumed ends with the same parameters as an uninterrupted one.
 - Under torchrun each rank reads a disjoint shard; the loss is normalised by the token count of the
   global batch, so N processes compute exactly the gradient of one process with N times the batch.
-  `--fsdp` shards the parameters, gradients and optimizer state instead of replicating them (sharding.py).
+  `--fsdp` shards the parameters, gradients and optimizer state instead of replicating them (distributed.py).
 - A NaN or infinite loss stops the run, naming the step, the dataset and the last good checkpoint.
 
 Shapes: B batch, T media slots, F frames, S grid cells, Dv feature width, L text length.
@@ -36,9 +36,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from miniflamingo import sharding
+from miniflamingo import distributed
 from miniflamingo.config import FlamingoConfig
 from miniflamingo.data import DocumentDataset, MixtureSampler, Source
+from miniflamingo.distributed import check_ranks_agree, global_count, setup_distributed
 from miniflamingo.flamingo import Flamingo
 from miniflamingo.pretrain_lm import auto_dtype
 from miniflamingo.trainutil import (
@@ -98,44 +99,6 @@ def world_sources(model: Flamingo, tok, args, weights: dict[str, float]) -> list
                    max_media=model.cfg.max_media, p_next=args.p_next) for name in data if weights[name] > 0]
 
 
-# ----------------------------------------------------------------------------- distributed
-
-
-def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); torchrun sets RANK/WORLD_SIZE. gloo on CPU, nccl on GPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    use_cuda = torch.cuda.is_available() and device_arg != "cpu"
-    if world_size == 1:
-        return 0, 1, torch.device(device_arg or ("cuda" if use_cuda else "cpu"))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank = dist.get_rank()
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, world_size, torch.device("cuda", local)
-    return rank, world_size, torch.device("cpu")
-
-
-def global_count(n: torch.Tensor, world_size: int) -> torch.Tensor:
-    """Sum over ranks (token counts, summed losses)."""
-    if world_size > 1:
-        n = n.clone()
-        dist.all_reduce(n)
-    return n
-
-
-def check_ranks_agree(model, world_size: int) -> float:
-    """DDP keeps every rank's copy identical; check it: max |param - rank 0's param| over all ranks."""
-    flat = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
-    ref = flat.clone()
-    dist.broadcast(ref, 0)
-    diff = (flat - ref).abs().max()
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    if diff.item() != 0:
-        raise SystemExit(f"train: ranks disagree after training (max parameter difference {diff.item()})")
-    return diff.item()
-
-
 def log(msg: str) -> None:
     if int(os.environ.get("RANK", 0)) == 0:
         print(msg, file=sys.stderr, flush=True)
@@ -178,7 +141,7 @@ def parse_args(argv):
     ap.add_argument("--device", default=None)
     ap.add_argument("--fsdp", action="store_true",
                     help="under torchrun, shard parameters, gradients and optimizer state across ranks "
-                         "(FSDP, sharding.py) instead of replicating them (DDP)")
+                         "(FSDP, distributed.py) instead of replicating them (DDP)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="auto",
                     help="bf16 autocast; auto: the LM's measured rule (bf16 on GPUs, on CPU from width 256)")
@@ -203,7 +166,7 @@ def parse_weights(text: str | None) -> dict[str, float]:
 
 def gates(model: Flamingo) -> dict[str, list[float]]:
     """tanh of every gate, to watch the layers open (lesson 9). A collective when sharded (FSDP)."""
-    values = [round(math.tanh(g.item()), 5) for g in sharding.gate_values(model)]
+    values = [round(math.tanh(g.item()), 5) for g in distributed.gate_values(model)]
     return {"attn": values[0::2], "ffw": values[1::2]}
 
 
@@ -229,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fsdp = args.fsdp and world_size > 1
     if fsdp:
-        sharding.shard(model)  # each rank now holds 1/world_size of every parameter
+        distributed.shard(model)  # each rank now holds 1/world_size of every parameter
     opt = configure_optimizer(model, args.lr, args.weight_decay,
                               no_decay=("resampler", "latents", "temporal", "special_embeddings"))
     ckpt_path, step = run / "flamingo.pt", 0
@@ -239,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"train: {ckpt_path} holds another config; use another --run or the same "
                              f"options")
         if fsdp:
-            sharding.load_state_dicts(model, opt, state["model"], state["optimizer"])
+            distributed.load_state_dicts(model, opt, state["model"], state["optimizer"])
         else:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -256,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def checkpoint():
         nonlocal last_good
-        model_state, opt_state = sharding.state_dicts(model, opt) if fsdp else (model.state_dict(),
+        model_state, opt_state = distributed.state_dicts(model, opt) if fsdp else (model.state_dict(),
                                                                                  opt.state_dict())
         if rank == 0:
             save_checkpoint(ckpt_path, {"model": model_state, "config": cfg.to_dict(), "step": step,
@@ -295,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             # reduce-scatter) averages gradients over ranks
             (b.weight * loss * n_local * world_size / n_global).backward()
             tokens += x.numel()
-        grad_norm = sharding.full_tensor(torch.nn.utils.clip_grad_norm_(
+        grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.requires_grad], args.grad_clip))
         opt.step()
         step += 1
@@ -324,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         diff = check_ranks_agree(model, world_size)
         log(f"parameters identical across {world_size} ranks (max difference {diff})")
     if world_size > 1:
+        dist.barrier()  # every rank done with every collective before the group goes
         dist.destroy_process_group()
     return 0
 

@@ -141,7 +141,7 @@ class GatedXAttnDense(nn.Module):
         self.ffw = FeedForward(d_model, cfg.ff_mult)
         # paper 2.2: tanh(0) = 0 at init, so the layer starts as the identity and the model as its LM.
         # Without gating (ablation) the gates are unused and frozen: DDP sees no unused trainable parameter.
-        # One scalar each (paper 2.2), held as shape (1,): FSDP cannot shard 0-dim parameters (sharding.py).
+        # One scalar each (paper 2.2), held as shape (1,): FSDP cannot shard 0-dim parameters.
         self.attn_gate = nn.Parameter(torch.zeros(1), requires_grad=cfg.gated)
         self.ff_gate = nn.Parameter(torch.zeros(1), requires_grad=cfg.gated)
 
