@@ -29,12 +29,7 @@ from pathlib import Path
 
 import torch
 
-from miniflamingo import evaluate, lm_corpus, pretrain_vision, train
-from miniflamingo.config import FlamingoConfig
-from miniflamingo.lm import GPT
-from miniflamingo.tokenizer import Tokenizer
-from miniflamingo.trainutil import load_checkpoint
-from miniflamingo.world import default_world
+from miniflamingo import evaluate, pretrain_vision, train
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,6 +92,17 @@ def finish_background(name: str, job, done: dict, state_path: Path, show=("probe
     state_path.write_text(json.dumps(done, indent=1))
 
 
+def final_binding_probe(log_path: Path) -> float:
+    """The LM's binding probe (lm_corpus.binding_probe, 100 episodes) that pretrain-lm logged last: the
+    demo reads it rather than loading the LM to run the same probe again."""
+    probes = [r["binding_probe"] for r in map(json.loads, log_path.read_text().splitlines())
+              if "binding_probe" in r] if log_path.is_file() else []
+    if not probes:
+        raise SystemExit(f"demo: {log_path} holds no binding_probe; was the LM pretrained on the world's "
+                         "corpus? Delete the run's lm.pt and rerun the demo")
+    return probes[-1]
+
+
 def run_stage(name: str, fn, argv: list[str], done: dict, state_path: Path) -> None:
     if done.get(name):
         print(f"== {name}: done in an earlier run ({done[name]['seconds']:.0f} s), skipped", flush=True)
@@ -139,12 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         if lm_job is not None and lm_job[0].poll() is None:  # interrupted: do not leave it running
             lm_job[0].terminate()
 
-    state = load_checkpoint(run / "lm.pt")
-    lm = GPT(FlamingoConfig.from_dict({"lm": state["config"]}).lm)
-    lm.load_state_dict(state["model"])
-    lm.eval()
-    acc = lm_corpus.binding_probe(lm, Tokenizer.default(), default_world(),
-                                    episodes=10 if args.quick else 100)
+    acc = final_binding_probe(run / "lm_log.jsonl")
     print(f"== LM binding probe: 5-way, fresh made-up words, images as slots: {acc:.0%} (chance 20%)",
           flush=True)
     if acc < 0.5 and not args.quick:

@@ -112,10 +112,6 @@ def load_state_dicts(model, opt, model_state: dict, opt_state: dict) -> None:
     sd.set_optimizer_state_dict(model, opt, opt_state, options=options)
 
 
-def is_sharded(model) -> bool:
-    return any(hasattr(p, "full_tensor") for p in model.parameters())
-
-
 def gate_values(model) -> list[torch.Tensor]:
     """Every xattn gate as a plain scalar tensor (a collective when sharded)."""
     return [full_tensor(g).detach() for layer in model.xattn for g in (layer.attn_gate, layer.ff_gate)]

@@ -15,10 +15,10 @@ Notable features
   from it. `DIR/lm_log.jsonl` gets a line per logged step and per evaluation.
 - AdamW with decay on matrices only, warmup + cosine, global grad-norm clip 1 (paper App. B.1.2).
 - `--dtype auto`: bf16 autocast only where it was measured to help (benchmarks/lm_autocast.py).
-- Watches the skill Flamingo's few-shot binding rests on: on the world's corpus, a 5-way binding probe
-  (`lm_corpus.binding_probe`, fresh made-up words) at every evaluation; on any corpus, in-context
-  copying (loss on a random sequence's repeat vs its first occurrence). `--copy-drills FRAC` mixes in
-  repeated random sequences.
+- Watches the skill Flamingo's few-shot binding rests on, at every evaluation and at the end: on the
+  world's corpus a 5-way binding probe (`lm_corpus.binding_probe`, fresh made-up words; the demo reads
+  its last value from lm_log.jsonl), on a text file in-context copying (loss on a random sequence's
+  repeat vs its first occurrence). `--copy-drills FRAC` mixes in repeated random sequences.
 
 Shapes: B batch, L window length.
 """

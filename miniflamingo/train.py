@@ -39,7 +39,6 @@ import torch.distributed as dist
 from miniflamingo import distributed
 from miniflamingo.config import FlamingoConfig
 from miniflamingo.data import DocumentDataset, MixtureSampler, Source
-from miniflamingo.distributed import check_ranks_agree, global_count, setup_distributed
 from miniflamingo.flamingo import Flamingo
 from miniflamingo.pretrain_lm import auto_dtype
 from miniflamingo.trainutil import (
@@ -174,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = FlamingoConfig.preset(args.preset).override(overrides)
     weights = parse_weights(args.weights)
-    rank, world_size, device = setup_distributed(args.device)
+    rank, world_size, device = distributed.setup_distributed(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
@@ -243,14 +242,15 @@ def main(argv: list[str] | None = None) -> int:
             feats = None if b.media is None else b.media.to(device)
             frames = None if b.frames is None else b.frames.to(device)  # padded frames are masked out
             n_local = (y != -100).sum()
-            n_global = global_count(n_local, world_size)
+            n_global = distributed.global_count(n_local, world_size)
             if n_global == 0:
                 continue  # nothing to predict in this batch (no text after an <image>)
             with autocast:
                 _, loss = ddp(x, vision_features=feats, targets=y, media_frames=frames)
             if n_local == 0:
                 loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0  # keep DDP in step
-            losses[b.name] = global_count(loss.detach() * n_local, world_size).item() / n_global.item()
+            summed = distributed.global_count(loss.detach() * n_local, world_size)
+            losses[b.name] = summed.item() / n_global.item()
             if not math.isfinite(losses[b.name]):
                 raise SystemExit(f"train: loss is {losses[b.name]} at step {step + 1} on the {b.name!r} "
                                  f"batch; last good checkpoint: {last_good or 'none'}")
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if fsdp:
         log(f"parameters sharded across {world_size} ranks (FSDP)")
     elif world_size > 1:
-        diff = check_ranks_agree(model, world_size)
+        diff = distributed.check_ranks_agree(model, world_size)
         log(f"parameters identical across {world_size} ranks (max difference {diff})")
     if world_size > 1:
         dist.barrier()  # every rank done with every collective before the group goes

@@ -4,8 +4,10 @@ for memory build the model on the meta device (`big_preset` tells them to)."""
 
 import pytest
 import torch
+from helpers import IMAGE_SIZE  # tests/ is on sys.path
 
 import miniflamingo as mf
+from miniflamingo.world import World
 
 BIG_PRESETS = ("flamingo-3b", "flamingo-9b", "flamingo-80b")
 
@@ -34,6 +36,17 @@ def preset_cfg(preset) -> mf.FlamingoConfig:
 def big_preset(preset) -> bool:
     """True when the preset is too large for real tensors here: use the meta device."""
     return preset in BIG_PRESETS
+
+
+@pytest.fixture(scope="module")
+def tok() -> mf.Tokenizer:
+    return mf.Tokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    """The small world the prompt and evaluation tests share: 32x32 images, 3-frame videos."""
+    return World(image_size=IMAGE_SIZE, video_frames=3)
 
 
 @pytest.fixture(autouse=True)

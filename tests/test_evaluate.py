@@ -11,24 +11,12 @@ import pytest
 import torch
 from helpers import IMAGE_SIZE, tiny_model
 
-import miniflamingo as mf
 from miniflamingo import evaluate as ev
 from miniflamingo import fewshot as fs
 from miniflamingo.data import DataError
 from miniflamingo.trainutil import CheckpointError
-from miniflamingo.world import World
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data_samples" / "captions"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return mf.Tokenizer.default()
-
-
-@pytest.fixture(scope="module")
-def world():
-    return World(image_size=IMAGE_SIZE, video_frames=3)
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,8 @@ from helpers import IMAGE_SIZE, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import miniflamingo as mf
 from miniflamingo import fewshot as fs
 from miniflamingo.data import document_to_tokens
-from miniflamingo.world import World
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return mf.Tokenizer.default()
-
-
-@pytest.fixture(scope="module")
-def world():
-    return World(image_size=IMAGE_SIZE, video_frames=3)
 
 
 @pytest.fixture(scope="module")

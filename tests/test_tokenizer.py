@@ -20,11 +20,6 @@ from miniflamingo.tokenizer import EOC, EOT, IMAGE, SPECIALS, Tokenizer
 GPT2_ORIGINAL_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.default()
-
-
 # text mixing arbitrary unicode with the special strings and near misses of them
 fragments = st.one_of(st.text(max_size=20), st.sampled_from(
     [EOT, IMAGE, EOC, "<image", "image>", "<|endof", "|>", " <image> ", "Output: ", " dax"]))
