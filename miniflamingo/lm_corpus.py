@@ -103,10 +103,11 @@ def forward(lm, corpus: Corpus, x, slots, targets=None):
 
 
 @torch.no_grad()
-def binding_probe(lm, tok, world, n_way: int = 5, episodes: int = 100, seed: int = 0) -> float:
-    """Text-only fast binding, the skill Flamingo's few-shot binding rests on (DESIGN.md 5): n_way support
-    slots (each image's stand-in, val split) with fresh made-up words, then the query's slot; the LM must
-    rank the word bound to the query's shape first, scoring each word and its <|endofchunk|>."""
+def binding_probe(lm, tok, world, n_way: int = 5, episodes: int = 100, seed: int = 0,
+                  k_shot: int = 1) -> float:
+    """Text-only fast binding, the skill Flamingo's few-shot binding rests on (DESIGN.md 5): n_way x k_shot
+    support slots (each image's stand-in, val split) with fresh made-up words, then the query's slot; the LM
+    must rank the word bound to the query's shape first, scoring each word and its <|endofchunk|>."""
     from miniflamingo.world_text import BINDING_TEXT, stand_in
 
     was_training = lm.training
@@ -114,7 +115,7 @@ def binding_probe(lm, tok, world, n_way: int = 5, episodes: int = 100, seed: int
     device = next(lm.parameters()).device
     correct = 0
     for e in range(episodes):
-        ep = world.binding_episode(n_way, 1, split="val", seed=seed + e)
+        ep = world.binding_episode(n_way, k_shot, split="val", seed=seed + e)
         doc = "".join(f" {stand_in(s['attrs'])}\n{BINDING_TEXT.format(word=s['word'])}{EOC}"
                       for s in ep["support"])
         doc += f" {stand_in(ep['query']['attrs'])}\n{EOC}"  # the query's slot; its text is scored below
