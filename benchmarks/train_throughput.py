@@ -18,9 +18,10 @@ Notable features
   Not counted: elementwise ops, norms, softmax, AdamW. The frozen vision encoder does not run in the step.
   Padding is counted as run: rows padded to the longest of their batch, xattn's grouped chunks, and the
   resampler's empty media slots and padded frames (the report prints real frames / frames run).
-- MFU = counted FLOPs per second / this machine's matmul peak measured in the same run: a 2048 x 2048
-  @ 2048 x 2048 matmul, median of 5 repeats just before and 5 just after the preset's steps (the shared
-  machine's speed drifts), in the dtype of the step (bf16 when autocast is used, the default on GPU).
+- MFU = counted FLOPs per second / this machine's matmul peak measured in the same run: a square matmul
+  (2048 on a CPU, 8192 on a GPU), median of 5 repeats just before and 5 just after the preset's steps
+  (the shared machine's speed drifts), in the dtype of the step (bf16 when autocast is used, the default
+  on GPU).
 - Tokens = input positions of all batches of a step, padding included, as train.py counts them.
 - Medians over the timed steps after warmup; the step-time breakdown is data (sampler + copy to the
   device), forward, backward, optimizer (clip + AdamW). The peak is measured with the same threads
@@ -64,8 +65,10 @@ def sync(device: torch.device) -> None:
 # ----------------------------------------------------------------------------- the peak
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> list[float]:
-    """FLOP/s of a large square matmul, one per repeat: the machine's practical peak."""
+def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> tuple[list[float], int]:
+    """FLOP/s of a large square matmul, one per repeat: the machine's practical peak. On a GPU 8192^3:
+    2048^3 is too short to fill an H100-class chip (launch gaps would lower the peak, raising MFU)."""
+    n = 8192 if device.type == "cuda" else 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     inner = 1 if device.type == "cpu" else 20  # a GPU matmul takes well under a millisecond
     times = []
@@ -76,7 +79,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
             a @ b
         sync(device)
         times.append((time.perf_counter() - t) / inner)
-    return [2 * n**3 / t for t in times[1:]]
+    return [2 * n**3 / t for t in times[1:]], n
 
 
 # ----------------------------------------------------------------------------- counting FLOPs
@@ -141,7 +144,7 @@ def build(preset: str, batch_size: int, device: torch.device, seed: int = 0):
     """A Flamingo of the preset with random frozen parts, and a mixture sampler over the world's features."""
     cfg = FlamingoConfig.preset(preset)
     torch.manual_seed(seed)
-    model = Flamingo(cfg)
+    model = Flamingo(cfg).to(device)  # before encoding: on a GPU the cached features stay there
     ids = ModelIds(Tokenizer.default(), cfg)
     sizes = {"interleaved": batch_size, "image_text": batch_size, "video_text": max(1, batch_size // 2)}
     world = World(seed=0, image_size=cfg.vision.image_size)
@@ -154,7 +157,7 @@ def build(preset: str, batch_size: int, device: torch.device, seed: int = 0):
     data = {k: d.with_features(model.vision, batch_size=32) for k, d in data.items()}  # encoder is frozen
     sources = [Source(k, data[k], DEFAULT_WEIGHTS[k], sizes[k], seq_len=min(256, cfg.lm.context_length),
                       max_media=cfg.max_media) for k in data]
-    return model.to(device), MixtureSampler(sources, seed=seed)
+    return model, MixtureSampler(sources, seed=seed)
 
 
 def train_step(model, opt, sampler, step: int, device: torch.device, autocast) -> tuple[dict, int, list]:
@@ -194,19 +197,25 @@ def train_step(model, opt, sampler, step: int, device: torch.device, autocast) -
     return times, tokens, batches
 
 
-def profile_step(model, opt, sampler, step, device, autocast, rows: int = 15) -> None:
-    """Top ops of one step by self CPU time, and the share of time in matmul-like ops."""
+def profile_step(model, opt, sampler, step, device, autocast, rows: int = 25) -> None:
+    """Top ops of one step by self time (device time on a GPU), and the share in matmul-like kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         train_step(model, opt, sampler, step, device, autocast)
     events = prof.key_averages()
-    print(events.table(sort_by="self_cpu_time_total", row_limit=rows))
-    total = sum(e.self_cpu_time_total for e in events)
-    matmul = sum(e.self_cpu_time_total for e in events
-                 if any(k in e.key for k in ("mm", "matmul", "linear", "scaled_dot_product", "flash")))
-    print(f"self CPU time in matmul/attention kernels: {100 * matmul / total:.0f}% of {total / 1e3:.0f} ms")
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(events.table(sort_by=key, row_limit=rows, max_name_column_width=60))
+    if cuda:  # the kernels themselves: an aten op's row repeats its kernels' time
+        events = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")] or events
+    total = sum(getattr(e, key) for e in events)
+    words = ("gemm", "cutlass", "nvjet", "sm90", "flash", "fmha", "efficient_attention") if cuda else (
+        "mm", "matmul", "linear", "scaled_dot_product", "flash")
+    matmul = sum(getattr(e, key) for e in events if any(k in e.key.lower() for k in words))
+    print(f"{'device' if cuda else 'self CPU'} time in matmul/attention kernels: "
+          f"{100 * matmul / max(total, 1):.0f}% of {total / 1e3:.0f} ms")
 
 
 # ----------------------------------------------------------------------------- one preset
@@ -225,10 +234,12 @@ def bench(preset: str, args, device: torch.device) -> dict:
     model, sampler = build(preset, batch, device)
     setup = time.perf_counter() - t0
     meta_model = copy.deepcopy(model).to("meta")
+    if args.compile:
+        model = torch.compile(model, dynamic=True)  # row lengths change from step to step
     opt = configure_optimizer(model, lr=1e-4, weight_decay=0.1,
                               no_decay=("resampler", "latents", "temporal", "special_embeddings"))
     model.train()
-    peaks = matmul_peak(device, dtype)  # before and after the steps: the machine's speed drifts
+    peaks, n_peak = matmul_peak(device, dtype)  # before and after the steps: the machine's speed drifts
     rows = []
     for step in range(args.warmup + steps):
         times, tokens, batches = train_step(model, opt, sampler, step, device, autocast)
@@ -241,7 +252,7 @@ def bench(preset: str, args, device: torch.device) -> dict:
                              frames_real=sum(int(f.sum()) for f in media),
                              frames_run=sum(b.media.shape[0] * b.media.shape[1] * b.media.shape[2]
                                             for b in batches if b.media is not None)))
-    peaks += matmul_peak(device, dtype)
+    peaks += matmul_peak(device, dtype)[0]
     peak = statistics.median(peaks)
     if args.profile:
         profile_step(model, opt, sampler, args.warmup + steps, device, autocast)
@@ -250,20 +261,23 @@ def bench(preset: str, args, device: torch.device) -> dict:
     achieved = statistics.median(r["flops"] / r["total"] for r in rows)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return dict(
-        preset=preset, device=str(device), dtype="bf16" if bf16 else "fp32", threads=torch.get_num_threads(),
+        preset=preset, device=str(device), compiled=args.compile, dtype="bf16" if bf16 else "fp32",
+        threads=torch.get_num_threads(),
         batch=batch, steps=steps, setup_s=setup, params_total=sum(p.numel() for p in model.parameters()),
         params_trained=trained, tokens_per_step=statistics.median(r["tokens"] for r in rows),
         flops_per_step=statistics.median(r["flops"] for r in rows), step=med,
         **{k: statistics.median(r[k] for r in rows) for k in ("resampler", "loss_tokens", "frames_real",
                                                                 "frames_run")},
-        tokens_per_s=statistics.median(r["tokens"] / r["total"] for r in rows), achieved=achieved, peak=peak,
+        peak_n=n_peak, tokens_per_s=statistics.median(r["tokens"] / r["total"] for r in rows),
+        achieved=achieved, peak=peak,
         mfu=achieved / peak, peak_range=(min(peaks), max(peaks)),
     )
 
 
 def report(r: dict) -> None:
     s = r["step"]
-    print(f"\n== {r['preset']} on {r['device']} ({r['dtype']}, {r['threads']} threads), batch {r['batch']} "
+    print(f"\n== {r['preset']} on {r['device']} ({r['dtype']}{', compiled' if r['compiled'] else ''}, "
+          f"{r['threads']} threads), batch {r['batch']} "
           f"(pairs {r['batch']}, videos {max(1, r['batch'] // 2)}), median of {r['steps']} steps; "
           f"setup {r['setup_s']:.1f} s")
     print(f"params {r['params_total'] / 1e6:.2f}M, trained {r['params_trained'] / 1e6:.2f}M; "
@@ -274,7 +288,7 @@ def report(r: dict) -> None:
     print(f"step {1e3 * s['total']:.0f} ms = data {1e3 * s['data']:.0f} + forward {1e3 * s['forward']:.0f} + "
           f"backward {1e3 * s['backward']:.0f} + optimizer {1e3 * s['optimizer']:.0f} ms (medians)")
     print(f"tokens/s {r['tokens_per_s']:.0f}; achieved {r['achieved'] / 1e9:.2f} GFLOP/s; "
-          f"peak ({r['dtype']} 2048^3 matmul, median of 10) {r['peak'] / 1e9:.1f} "
+          f"peak ({r['dtype']} {r['peak_n']}^3 matmul, median of 10) {r['peak'] / 1e9:.1f} "
           f"GFLOP/s (range {r['peak_range'][0] / 1e9:.0f}-{r['peak_range'][1] / 1e9:.0f}); "
           f"MFU {100 * r['mfu']:.1f}%")
 
@@ -294,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="auto: bf16 autocast on GPU, fp32 on CPU")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--profile", action="store_true", help="print the top ops of one more step")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -204,13 +204,20 @@ def collate(rows: list[tuple[list[int], list]], special, seq_len: int | None = N
     if len(shapes) > 1:
         raise ValueError(f"media in one batch must share their per-frame shape, got {sorted(shapes)}")
     if shapes:
-        F = max(t.shape[0] for ts in tensors for t in ts)
-        media = torch.zeros(B, T, F, *shapes.pop())  # (B, T, F, 3, H, W) or (B, T, F, S, Dv)
-        frames = torch.zeros(B, T, dtype=torch.long)  # (B, T) real frames per slot
-        for i, ts in enumerate(tensors):
-            for j, t in enumerate(ts):
-                media[i, j, : t.shape[0]] = t  # frames past t.shape[0] stay zero: padding
-                frames[i, j] = t.shape[0]
+        F, shape = max(t.shape[0] for ts in tensors for t in ts), shapes.pop()
+        flat = [(i * T + j, t) for i, ts in enumerate(tensors) for j, t in enumerate(ts)]  # (B*T row, media)
+        # Features cached on a GPU stay there: copying them into a host batch would cost one transfer per
+        # media and then one more of the whole, mostly zero-padded, batch. One index_copy per frame count,
+        # not one copy per media: on a GPU thousands of tiny copies a step cost more than the copying.
+        device = flat[0][1].device
+        media = torch.zeros(B * T, F, *shape, device=device)  # (B*T, F, 3, H, W) or (B*T, F, S, Dv)
+        frames = torch.zeros(B * T, dtype=torch.long)  # real frames per slot
+        for n in sorted({t.shape[0] for _, t in flat}):
+            rows = [r for r, t in flat if t.shape[0] == n]
+            media[:, :n].index_copy_(0, torch.tensor(rows, device=device),
+                                     torch.stack([t for _, t in flat if t.shape[0] == n]))  # frames past n: 0
+            frames[rows] = n
+        media, frames = media.view(B, T, F, *shape), frames.view(B, T)  # (B, T, F, ...), (B, T)
     return (input_ids, media, targets, frames) if return_frames else (input_ids, media, targets)
 
 
@@ -261,10 +268,12 @@ class DocumentDataset:
         training skips the vision encoder. All media must share one (H, W)."""
         flat = [(d, i, m) for d, ms in enumerate(self.media) for i, m in enumerate(ms) if m is not None]
         media = [list(ms) for ms in self.media]
+        # frames go to the encoder's device, and the features stay there (a GPU's: see collate)
+        device = next(encoder.parameters()).device if isinstance(encoder, torch.nn.Module) else "cpu"
         for k in range(0, len(flat), batch_size):
             part = flat[k:k + batch_size]
             frames = [media_to_tensor(m) for _, _, m in part]  # each (F, 3, H, W)
-            feats = encoder(torch.cat(frames))  # (sum of F, S, Dv): frames are encoded independently
+            feats = encoder(torch.cat(frames).to(device))  # (sum of F, S, Dv): frames one by one
             for (d, i, _), f in zip(part, feats.split([t.shape[0] for t in frames])):
                 media[d][i] = f  # (F, S, Dv)
         return DocumentDataset(self.texts, media, self.special, self.sep)

@@ -99,14 +99,16 @@ def load_captions_folder(folder: str | Path, image_size: int) -> list[dict]:
 @torch.no_grad()
 def embed_images(model: ContrastiveModel, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> (N, Dj)."""
-    return torch.cat([model.embed_images(images[i:i + batch_size].float() / 255)
+    dev = next(model.parameters()).device
+    return torch.cat([model.embed_images(images[i:i + batch_size].to(dev).float() / 255)
                       for i in range(0, len(images), batch_size)])
 
 
 @torch.no_grad()
 def embed_texts(model: ContrastiveModel, tok, texts: list[str]) -> torch.Tensor:
     ids, mask = encode_texts(tok, texts, model.cfg.max_len)
-    return model.embed_texts(ids, mask)
+    dev = next(model.parameters()).device
+    return model.embed_texts(ids.to(dev), mask.to(dev))
 
 
 @torch.no_grad()
@@ -305,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-train", type=int, default=20000, help="training pairs drawn from the world")
     ap.add_argument("--n-eval", type=int, default=2000, help="held-out pairs for zero-shot and retrieval")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (0 = torch's default); the tiny model's small convs gain little from "
                          "more, and on a busy machine a second thread mostly waits (benchmarks/vision.py)")
@@ -339,21 +342,23 @@ def main(argv: list[str] | None = None) -> int:
           f"{images.shape[-1]}x{images.shape[-2]} images ({time.perf_counter() - t:.1f}s)")
 
     torch.manual_seed(args.seed)
-    model = ContrastiveModel(vision_cfg, cfg)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = ContrastiveModel(vision_cfg, cfg).to(device)  # initialised on the CPU: the same on any device
+    images, ids, mask = images.to(device), ids.to(device), mask.to(device)  # uint8 images: 4x smaller
     opt = make_optimizer(model, args.lr, args.weight_decay)
     step, elapsed = 0, 0.0
     if args.resume and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path)
+        ck = load_checkpoint(ckpt_path, map_location=device)
         model.load_state_dict(ck["contrastive"]["model"])
         opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["rng"])
+        torch.set_rng_state(ck["rng"].cpu())
         step, elapsed = ck["step"], ck["elapsed"]
         print(f"resumed from {ckpt_path} at step {step}")
     n_vision = sum(p.numel() for p in model.vision.parameters())
     n_text = sum(p.numel() for p in model.text.parameters())
     g = vision_cfg.grid_size
     print(f"vision encoder: {n_vision / 1e6:.2f}M parameters, grid {g}x{g}, Dv {vision_cfg.d_out}; "
-          f"text encoder: {n_text / 1e6:.2f}M")
+          f"text encoder: {n_text / 1e6:.2f}M; on {device}")
 
     def log(rec: dict) -> None:
         with open(log_path, "a") as f:

@@ -116,7 +116,11 @@ class PerceiverResampler(nn.Module):
         lo = pos.floor().long()  # (N, F)
         hi = (lo + 1).clamp(max=last)
         w = (pos - lo)[..., None].to(emb.dtype)  # (N, F, 1); 0 gives emb[lo] exactly
-        return torch.lerp(emb[lo], emb[hi], w)  # (N, F, Dr)
+        # index_select, not emb[lo]: on a GPU the backward of advanced indexing sorts its (N*F) indices
+        # into these few rows, a slow kernel; index_select's backward adds atomically.
+        N, F = lo.shape
+        lo_emb, hi_emb = (emb.index_select(0, i.reshape(-1)).view(N, F, -1) for i in (lo, hi))  # (N, F, Dr)
+        return torch.lerp(lo_emb, hi_emb, w)  # (N, F, Dr)
 
     def frame_embeddings(self, n_frames: int) -> torch.Tensor:
         """(n_frames, Dr) temporal embeddings of a media with n_frames real frames."""

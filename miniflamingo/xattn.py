@@ -72,19 +72,20 @@ def attend_own_media(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: tor
     # the tokens without media. Flattened over the batch, so plain row indexing moves whole vectors.
     slot = torch.where(phi > 0, chunk * C + rank % C, N * C)  # (B, L)
     slot = (slot + torch.arange(B, device=dev)[:, None] * (N * C + 1)).view(-1)  # (B*L,)
-    filler = torch.full((B * (N * C + 1),), B * L, device=dev)
-    filler = filler.scatter_(0, slot, torch.arange(B * L, device=dev))  # duplicates only on the dummies
-    filler = filler.view(B, N * C + 1)[:, :-1].reshape(-1)  # (B*N*C,) token in each slot; B*L = none
-    q_rows = torch.cat([q.reshape(B * L, E), q.new_zeros(1, E)])  # (B*L + 1, E), the last row for "none"
-    qc = q_rows[filler].view(B * N, C, nh, hs).transpose(1, 2)  # (B*N, nh, C, hs)
+    # Moves by index_copy / index_select, never `x[index]`: on a GPU the backward of advanced indexing
+    # sorts the indices to accumulate duplicates (the dummy slots, chunks sharing a media) and took 70% of a
+    # training step's device time (small preset, H200); these two have a gather and an atomic add instead.
+    table = q.new_zeros(B * (N * C + 1), E).index_copy(0, slot, q.reshape(B * L, E))  # dummies: discarded
+    qc = table.view(B, N * C + 1, E)[:, :-1].reshape(B * N, C, nh, hs).transpose(1, 2)  # (B*N, nh, C, hs)
     # The media of each chunk: the group whose chunk range holds it (unused chunks read the last media).
     c = torch.arange(N, device=dev).expand(B, N).contiguous()  # (B, N)
     media = torch.searchsorted(chunk_end, c, right=True).clamp(max=T) - 1  # (B, N), 0-based slot
     media = (media + torch.arange(B, device=dev)[:, None] * T).view(-1)  # (B*N,) rows of k, v
-    k, v = k.reshape(B * T, nh, R, hs)[media], v.reshape(B * T, nh, R, hs)[media]  # (B*N, nh, R, hs)
+    k = k.reshape(B * T, nh, R, hs).index_select(0, media)  # (B*N, nh, R, hs)
+    v = v.reshape(B * T, nh, R, hs).index_select(0, media)  # (B*N, nh, R, hs)
     out = F.scaled_dot_product_attention(qc, k, v)  # (B*N, nh, C, hs)
     out = torch.cat([out.transpose(1, 2).reshape(B, N * C, E), out.new_zeros(B, 1, E)], 1)  # (B, N*C + 1, E)
-    return out.view(-1, E)[slot].view(B, L, E)  # back in text order; the dummy slots read zero
+    return out.view(-1, E).index_select(0, slot).view(B, L, E)  # back in text order; dummy slots read 0
 
 
 def attend_all_previous_media(q, k, v, phi) -> torch.Tensor:

@@ -73,14 +73,24 @@ def test_phi_counts_images_up_to_and_including_t():
 
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(phi_T=st.one_of(phis(monotone=True), phis(monotone=False)), R=st.integers(1, 3))
-def test_grouped_attention_matches_per_token_reference(phi_T, R):
+def test_grouped_attention_and_its_gradients_match_per_token_reference(phi_T, R):
     phi, T = phi_T
     B, L = phi.shape
     q, k, v = torch.randn(B, L, 2, 4), torch.randn(B, T, 2, R, 4), torch.randn(B, T, 2, R, 4)
+    w = torch.randn(B, L, 8)  # a random readout, so every output element gets its own gradient
     for attend, immediate in ((attend_own_media, True), (attend_all_previous_media, False)):
-        out = attend(q, k, v, phi)
-        torch.testing.assert_close(out, reference_attention(q, k, v, phi, immediate), atol=1e-5, rtol=1e-5)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attend(*leaves, phi)
+        ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = reference_attention(*ref_leaves, phi, immediate)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         assert torch.all(out[phi == 0] == 0), "tokens without media must get exactly zero"
+        # the backward too: the grouped version moves rows by index_copy / index_select (see xattn.py)
+        grads = torch.autograd.grad((out * w).sum(), leaves)
+        ref_grads = (torch.autograd.grad((ref * w).sum(), ref_leaves, allow_unused=True)
+                     if ref.requires_grad else [None] * 3)  # no token sees a media: all gradients zero
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, atol=1e-5, rtol=1e-5)
 
 
 @settings(max_examples=20, deadline=None, derandomize=True)
