@@ -90,9 +90,11 @@ class ResamplerConfig:
     num_latents: int = 64  # R
     max_frames: int = 8  # temporal embeddings learned; more at inference by interpolation
     ff_mult: int = 4
+    kind: str = "perceiver"  # "mlp": the Table 3 ablation (vi), a plain MLP in its place (resampler.py)
 
     def __post_init__(self):
         assert self.n_layer >= 1, f"resampler.n_layer must be >= 1, got {self.n_layer}"
+        assert self.kind in ("perceiver", "mlp"), f"resampler.kind: perceiver or mlp, got {self.kind!r}"
         assert self.num_latents >= 1, f"resampler.num_latents must be >= 1, got {self.num_latents}"
         assert self.max_frames >= 1, "resampler.max_frames must be >= 1"
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from miniflamingo.config import FlamingoConfig
 from miniflamingo.lm import GPT, KVCache
-from miniflamingo.resampler import PerceiverResampler
+from miniflamingo.resampler import MLPResampler, PerceiverResampler
 from miniflamingo.vision import VisionEncoder
 from miniflamingo.xattn import GatedXAttnDense, compute_phi
 
@@ -34,7 +34,10 @@ class Flamingo(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision = VisionEncoder(cfg.vision)
-        self.resampler = PerceiverResampler(cfg.resampler, d_media=cfg.vision.d_out)
+        if cfg.resampler.kind == "mlp":  # the Table 3 ablation (vi), lesson 13
+            self.resampler = MLPResampler(cfg.resampler, cfg.vision.d_out, n_cells=cfg.vision.grid_size ** 2)
+        else:
+            self.resampler = PerceiverResampler(cfg.resampler, d_media=cfg.vision.d_out)
         self.lm = GPT(cfg.lm)
         # One GATED XATTN-DENSE layer before blocks 0, every, 2*every, ... The paper starts at the first
         # block (App. A.1.2 / Fig. 4); open_flamingo starts at block every-1 (cross_attn_every_n_layers).

@@ -56,10 +56,12 @@ def load_corpus(args, tok) -> tuple[lm_corpus.Corpus, lm_corpus.Corpus, str]:
     have an image slot per image (lm_corpus.py); a text file has none."""
     if args.corpus is None:
         world = default_world()
-        train = world.lm_corpus(args.docs, seed=args.seed)
-        val = world.lm_corpus(args.val_docs, seed=args.seed + 1_000_003)  # other documents
+        families = args.families and args.families.split(",")  # None: world_docs.LM_FAMILIES' weights
+        train = world.lm_corpus(args.docs, seed=args.seed, families=families)
+        val = world.lm_corpus(args.val_docs, seed=args.seed + 1_000_003, families=families)  # other documents
         return (lm_corpus.encode_documents(train, tok), lm_corpus.encode_documents(val, tok),
-                f"synthetic world, {args.docs} + {args.val_docs} held-out docs, an image slot per image")
+                f"synthetic world, {args.docs} + {args.val_docs} held-out docs, an image slot per image"
+                + (f", families {args.families}" if args.families else ""))
     path = Path(args.corpus)
     if not path.is_file():
         raise SystemExit(f"pretrain-lm: corpus file {path} not found")
@@ -142,6 +144,9 @@ def parse_args(argv):
     ap.add_argument("--preset", default="tiny", help="config preset (default tiny)")
     ap.add_argument("--corpus", default=None, help="text file (default: the synthetic world's LM documents)")
     ap.add_argument("--docs", type=int, default=20000, help="synthetic world documents to train on")
+    ap.add_argument("--families", default=None,
+                    help="comma-separated document families, equally weighted (default: the weights of "
+                         "world_docs.LM_FAMILIES); lesson 12: 'pairs' alone, text with no in-context binding")
     ap.add_argument("--val-docs", type=int, default=200, help="synthetic world documents held out")
     ap.add_argument("--run", default="runs/lm", help="run folder: lm.pt, lm_log.jsonl (default runs/lm)")
     ap.add_argument("--steps", type=int, default=1500, help="optimizer steps (the lr schedule's length)")

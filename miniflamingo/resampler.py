@@ -15,6 +15,7 @@ Notable features
 - Squared-ReLU feed-forward (paper App. A.1.4, as in Primer), pre-LayerNorm everywhere, a final LayerNorm.
 - A linear projection Dv -> Dr when the vision width differs from the resampler's (NFNet-F6 gives 3072,
   the paper's resampler is 1536 wide); with it the paper preset has ~194M parameters, as in Table 5.
+- `MLPResampler` (resampler.kind = "mlp"): the Table 3 ablation (vi), no attention, for lesson 13.
 
 Shapes: B batch, T media per row, F frames per media, S grid cells per frame, R latents,
 Dv vision feature width, Dr = d_model the resampler's width, nh heads, hs head size, N = B * T.
@@ -158,3 +159,39 @@ class PerceiverResampler(nn.Module):
         for layer in self.layers:
             latents = layer(x, latents, key_mask)
         return self.norm(latents).view(B, T, R, D)  # (B, T, R, Dr)
+
+
+class MLPResampler(nn.Module):
+    """Paper Table 3 (vi), "Perceiver -> MLP": the same (B, T, F, S, Dv) -> (B, T, R, Dr) with no attention.
+
+    The paper does not spell its MLP out; ours: project and add the temporal embeddings as the Perceiver
+    does, average the real frames of each cell, run a squared-ReLU MLP on every cell, then a learned linear
+    map mixes the S cells into R tokens (token mixing as in MLP-Mixer). It sees the same inputs and gives
+    the cross-attention the same number of tokens; what it lacks is queries that choose what to read."""
+
+    def __init__(self, cfg: ResamplerConfig, d_media: int, n_cells: int):
+        super().__init__()
+        self.cfg, self.d_media, self.n_cells = cfg, d_media, n_cells
+        D = cfg.d_model
+        self.proj = nn.Linear(d_media, D) if d_media != D else nn.Identity()
+        self.time_embeddings = nn.Parameter(torch.randn(cfg.max_frames, D))  # (max_frames, Dr)
+        self.ffw = FeedForward(D, cfg.ff_mult)
+        self.mix = nn.Linear(n_cells, cfg.num_latents)  # S cells -> R tokens, per channel
+        self.norm = nn.LayerNorm(D)
+
+    def forward(self, x: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 5 or x.shape[-1] != self.d_media or x.shape[3] != self.n_cells:
+            raise ValueError(f"expected vision features (B, T, F, S={self.n_cells}, Dv={self.d_media}), "
+                             f"got {tuple(x.shape)}")
+        B, T, n_frames, S, _ = x.shape
+        if n_frames > self.cfg.max_frames:
+            raise ValueError(f"the MLP resampler has {self.cfg.max_frames} temporal embeddings, F={n_frames}")
+        if frames is None:
+            frames = torch.full((B, T), n_frames, dtype=torch.long, device=x.device)
+        x = self.proj(x) + self.time_embeddings[:n_frames, None, :]  # (B, T, F, S, Dr)
+        real = torch.arange(n_frames, device=x.device) < frames.to(x.device)[..., None]  # (B, T, F)
+        real = real.to(x.dtype)
+        x = (x * real[..., None, None]).sum(2) / real.sum(2).clamp(min=1)[..., None, None]  # (B, T, S, Dr)
+        x = x + self.ffw(x)  # per cell, residual
+        x = self.mix(x.transpose(2, 3)).transpose(2, 3)  # (B, T, Dr, S) -> (B, T, Dr, R) -> (B, T, R, Dr)
+        return self.norm(x)  # (B, T, R, Dr)

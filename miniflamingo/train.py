@@ -133,6 +133,7 @@ def parse_args(argv):
     ap.add_argument("--p-next", type=float, default=0.0,
                     help="paper A.3.2 uses 0.5 on web pages; the world's text always follows its image")
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (tiny: 2e-3 beat 1e-3)")
+    ap.add_argument("--gate-lr-mult", type=float, default=1.0, help="the tanh gates' lr = this x --lr")
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--schedule", choices=["constant", "cosine"], default="cosine")
     ap.add_argument("--weight-decay", type=float, default=0.1)
@@ -141,6 +142,8 @@ def parse_args(argv):
     ap.add_argument("--fsdp", action="store_true",
                     help="under torchrun, shard parameters, gradients and optimizer state across ranks "
                          "(FSDP, distributed.py) instead of replicating them (DDP)")
+    ap.add_argument("--train-lm", action="store_true",
+                    help="ablation (paper Table 3 viii, lesson 13): train the pretrained LM too, not frozen")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="auto",
                     help="bf16 autocast; auto: the LM's measured rule (bf16 on GPUs, on CPU from width 256)")
@@ -185,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     if tok.n_vocab != cfg.lm.vocab_size:
         raise SystemExit(f"train: tokenizer has {tok.n_vocab} ids but lm.vocab_size={cfg.lm.vocab_size}")
     model = build_model(cfg, run, args.vision, args.lm).to(device)
+    if args.train_lm:
+        model.lm.requires_grad_(True)  # still in eval mode (Flamingo.train): the tiny LM has no dropout
     sampler = MixtureSampler(world_sources(model, tok, args, weights), seed=args.seed, rank=rank,
                              world_size=world_size)  # encodes the world's media: before any sharding
     n = model.param_counts()
@@ -193,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     if fsdp:
         distributed.shard(model)  # each rank now holds 1/world_size of every parameter
     opt = configure_optimizer(model, args.lr, args.weight_decay,
-                              no_decay=("resampler", "latents", "temporal", "special_embeddings"))
+                              no_decay=("resampler", "latents", "temporal", "special_embeddings"),
+                              lr_mult={"_gate": args.gate_lr_mult})
     ckpt_path, step = run / "flamingo.pt", 0
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path, map_location=device)
@@ -234,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     while step < stop:
         lr = get_lr(step, args.lr, args.warmup, args.steps, args.schedule)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         opt.zero_grad(set_to_none=True)
         losses, tokens = {}, 0
         for b in sampler.batch(step):  # paper 2.4: accumulate over all datasets, then one update

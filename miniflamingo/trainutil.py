@@ -67,9 +67,12 @@ def decay_split(named_params: Iterable[tuple[str, torch.Tensor]], no_decay: Iter
 
 
 def configure_optimizer(model_or_params, lr: float, weight_decay: float, betas=(0.9, 0.95),
-                        no_decay: Iterable[str] = NO_DECAY_NAMES) -> torch.optim.AdamW:
+                        no_decay: Iterable[str] = NO_DECAY_NAMES, lr_mult: dict[str, float] | None = None
+                        ) -> torch.optim.AdamW:
     """AdamW with two param groups. Accepts a module, (name, param) pairs, or bare params (then only
-    the >= 2-D rule applies). A tied matrix appears once (named_parameters deduplicates)."""
+    the >= 2-D rule applies). A tied matrix appears once (named_parameters deduplicates).
+    lr_mult {name suffix: k}: those parameters get a group of their own whose "lr_mult" is k; the training
+    loop sets each group's lr to k times the schedule's."""
     if isinstance(model_or_params, nn.Module):
         named = list(model_or_params.named_parameters())
     else:
@@ -82,6 +85,14 @@ def configure_optimizer(model_or_params, lr: float, weight_decay: float, betas=(
         {"params": [params[n] for n in decay], "weight_decay": weight_decay, "names": decay},
         {"params": [params[n] for n in keep], "weight_decay": 0.0, "names": keep},
     ]
+    for suffix, k in (lr_mult or {}).items():
+        for g in groups[:2]:
+            picked = [n for n in g["names"] if n.endswith(suffix)]
+            if picked:
+                g["names"] = [n for n in g["names"] if n not in picked]
+                g["params"] = [params[n] for n in g["names"]]
+                groups.append({"params": [params[n] for n in picked], "weight_decay": g["weight_decay"],
+                               "names": picked, "lr_mult": k})
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 

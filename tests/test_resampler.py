@@ -161,3 +161,28 @@ def test_preset_shapes(preset_cfg, big_preset):
         video = m(torch.randn(1, 1, cfg.resampler.max_frames + 3, S, cfg.vision.d_out))
     assert y.shape == (2, 3, cfg.resampler.num_latents, cfg.resampler.d_model)
     assert video.shape == (1, 1, cfg.resampler.num_latents, cfg.resampler.d_model)
+
+
+def test_mlp_resampler_ablation_same_tokens_no_attention_padding_ignored():
+    """Table 3 (vi) stand-in (lesson 13): same (B, T, R, Dr) out, no attention, padded frames ignored,
+    and a Flamingo built with resampler.kind = "mlp" uses it."""
+    from miniflamingo.resampler import MLPResampler
+
+    cfg = mf.FlamingoConfig.preset("tiny").override(["--resampler.kind=mlp"])
+    flamingo = mf.Flamingo(cfg)
+    m = flamingo.resampler
+    assert isinstance(m, MLPResampler) and not any("attn" in n for n, _ in m.named_parameters())
+    S, Dv = cfg.vision.grid_size ** 2, cfg.vision.d_out
+    x = torch.randn(2, 3, 4, S, Dv)  # (B, T, F, S, Dv)
+    frames = torch.tensor([[1, 4, 0], [2, 3, 1]])
+    out = m(x, frames)
+    assert out.shape == (2, 3, cfg.resampler.num_latents, cfg.resampler.d_model)
+    padded = x.clone()
+    padded[0, 0, 1:], padded[1, 0, 2:] = 7.0, -3.0  # frames past each media's count
+    torch.testing.assert_close(m(padded, frames), out)
+    torch.testing.assert_close(m(x), m(x, torch.full((2, 3), 4)))  # None = all frames real
+    assert not torch.allclose(m(x[:, :, [1, 0, 2, 3]])[0, 1], m(x)[0, 1])  # frame order matters (time)
+    with pytest.raises(ValueError, match="S=16"):
+        m(torch.randn(1, 1, 1, S + 1, Dv))
+    with pytest.raises(AssertionError, match="resampler.kind"):
+        mf.FlamingoConfig.preset("tiny").override(["--resampler.kind=conv"])

@@ -57,6 +57,15 @@ def test_optimizer_decays_exactly_the_matrices():
     assert opt.defaults["betas"] == (0.9, 0.95)
 
 
+def test_optimizer_lr_mult_moves_parameters_to_their_own_group():
+    opt = configure_optimizer(Toy(), lr=1e-3, weight_decay=0.1, lr_mult={"_gate": 20.0})
+    decay, keep, gates = opt.param_groups
+    assert gates["names"] == ["attn_gate"] and gates["lr_mult"] == 20.0 and gates["weight_decay"] == 0.0
+    assert "attn_gate" not in keep["names"] and "lr_mult" not in keep
+    n = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n == sum(p.numel() for p in Toy().parameters() if p.requires_grad)  # nothing lost or doubled
+
+
 def test_optimizer_no_decay_names_and_tied_gpt():
     gpt = GPT(LMConfig(n_layer=2, n_head=2, d_model=8, vocab_size=11, context_length=8))
     opt = configure_optimizer(gpt, lr=1e-3, weight_decay=0.1)
