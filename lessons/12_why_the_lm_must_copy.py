@@ -12,12 +12,12 @@ What it teaches
 - The experiment: the same Flamingo training (the demo's recipe) on two frozen LMs. One is the demo's,
   pretrained on text with in-context binding (drills: an image slot, then its word, repeated; DESIGN.md
   5). The other is pretrained on the same world's captions and questions with no in-context binding
-  (`pretrain-lm --families pairs`). The first binds; the second binds at chance.
-- Measured, and not what we expected: the second Flamingo also captions far worse (4-shot CIDEr-D 116 vs
-  503; blind 47). Its captions have the right form but wrong colours and shapes. A likely reason: 60% of
-  the interleaved training documents are binding episodes, whose words the no-copy LM cannot predict,
-  so most of the training signal is noise to it. The lesson asserts what held: chance binding, captions
-  still above their blind row (each token still reads its own image).
+  (`pretrain-lm --families pairs`). Both caption (4-shot CIDEr-D 571 and 604, measured); only the first
+  binds (5-way 1-shot 85% against 17.5%, chance 20%).
+- Captioning needs only each token's own image, which cross-attention provides. (With the paper's
+  learning rate on the gates, which open slowly here, the second Flamingo captioned far worse, 116
+  against 503; a likely reason: on an LM that cannot predict the binding documents' words, 60% of the
+  training documents are mostly noise to it. The demo trains the gates at 20x; lesson 13.)
 
 Setup, stated plainly. The full form needs the demo's run (vision.pt, lm.pt, flamingo.pt, eval.json:
 `python -m miniflamingo demo`); it pretrains the second LM (1400 steps) and trains a Flamingo on it
@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 import miniflamingo as mf
-from miniflamingo import evaluate, pretrain_lm, train
+from miniflamingo import demo, evaluate, pretrain_lm, train
 from miniflamingo.trainutil import save_checkpoint
 from miniflamingo.world import World
 from miniflamingo.world_text import BINDING_TEXT
@@ -108,8 +108,8 @@ else:
     if missing:
         raise SystemExit(f"lesson 12: {run / missing[0]} not found; run `python -m miniflamingo demo` "
                          f"first (or pass --run with the demo's folder)")
-    lm_budget = ["--steps", "1400", "--threads", "1"]  # the demo's (demo.FULL): as fast on 1 thread
-    train_budget = ["--steps", "1300", "--lr", "2e-3", "--log-every", "100"]
+    lm_budget = [*demo.FULL["lm"], "--threads", "1"]  # the demo's recipe; the LM is as fast on 1 thread
+    train_budget = [*demo.FULL["train"], "--log-every", "100"]
     episodes = "40"
 out.mkdir(parents=True, exist_ok=True)
 TASKS = {"captioning": "4", "binding_2way": "1", "binding_5way": "1"}  # task -> shots (binding: per class)
@@ -156,9 +156,9 @@ if not args.quick:
     assert r_none["binding_2way"] < 65 < r_copy["binding_2way"]
     blind = results(out, "blind")["captioning"]
     print(f"   no-copy Flamingo's captions with media zeroed: {blind:.1f}")
-    assert r_none["captioning"] > blind + 20, "it still reads its own image"
-    print("   Binding needs the LM to match images across the document, which only the drilled LM learned; "
-          "cross-attention cannot do it for the LM.")
+    assert r_none["captioning"] > max(blind + 100, 0.8 * r_copy["captioning"]), "both Flamingos caption"
+    print("   Captions need only each token's own image, which cross-attention gives; binding needs the LM "
+          "to match images across the document, which only the drilled LM learned.")
 if tmp is not None:
     tmp.cleanup()
 print(f"\nlesson 12 done in {time.perf_counter() - t_start:.0f} s")

@@ -138,3 +138,22 @@ def test_nan_loss_stops_naming_step_dataset_and_checkpoint(tmp_path, monkeypatch
     with pytest.raises(SystemExit, match=r"loss is nan at step 2 on the 'image_text' batch; last good "
                                          r"checkpoint: .*flamingo\.pt \(step 1\)"):
         train_mod.main(["--run", str(tmp_path), "--steps", "4", "--save-every", "1", *SMALL])
+
+
+@pytest.mark.slow
+def test_gate_lr_mult_scales_the_gates_first_step_and_only_theirs(tmp_path):
+    """AdamW's first step moves each parameter by about lr (m / sqrt(v) = sign of the gradient), so with
+    --gate-lr-mult 20 every gate moves 20x as far as without, and every other parameter the same."""
+    moved = {}
+    for mult in ("1", "20"):
+        run = tmp_path / mult
+        run.mkdir()
+        pretrained_stand_ins(run)
+        r = train(run, "--steps", "1", "--seed", "0", "--gate-lr-mult", mult)
+        assert r.returncode == 0, r.stdout + r.stderr
+        moved[mult] = trained_state(run)
+    for k, v in moved["20"].items():
+        if k.endswith("_gate"):
+            assert v.abs().item() > 0 and torch.allclose(v, 20 * moved["1"][k], rtol=1e-3), k
+        else:
+            torch.testing.assert_close(v, moved["1"][k])
