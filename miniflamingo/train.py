@@ -206,11 +206,15 @@ def main(argv: list[str] | None = None) -> int:
         if state["config"] != cfg.to_dict():
             raise SystemExit(f"train: {ckpt_path} holds another config; use another --run or the same "
                              f"options")
-        if fsdp:
-            distributed.load_state_dicts(model, opt, state["model"], state["optimizer"])
-        else:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
+        try:
+            if fsdp:
+                distributed.load_state_dicts(model, opt, state["model"], state["optimizer"])
+            else:
+                model.load_state_dict(state["model"])
+                opt.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:  # parameter groups or sharding differ
+            raise SystemExit(f"train: cannot resume {ckpt_path}: its optimizer state does not fit this run "
+                             f"(written with other --gate-lr-mult, --train-lm or --fsdp?): {e}") from e
         step = state["step"]
         log(f"resuming from {ckpt_path} at step {step}")
     dtype = auto_dtype(cfg.lm, device) if args.dtype == "auto" else args.dtype

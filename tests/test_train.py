@@ -157,3 +157,12 @@ def test_gate_lr_mult_scales_the_gates_first_step_and_only_theirs(tmp_path):
             assert v.abs().item() > 0 and torch.allclose(v, 20 * moved["1"][k], rtol=1e-3), k
         else:
             torch.testing.assert_close(v, moved["1"][k])
+
+
+@pytest.mark.slow
+def test_resume_with_other_optimizer_groups_fails_clearly(tmp_path):
+    pretrained_stand_ins(tmp_path)
+    r = train(tmp_path, "--steps", "1", "--seed", "0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = train(tmp_path, "--steps", "2", "--seed", "0", "--gate-lr-mult", "20")  # a third param group
+    assert r.returncode != 0 and "cannot resume" in r.stderr and "--gate-lr-mult" in r.stderr, r.stderr
