@@ -12,7 +12,7 @@ COMMANDS = {
     "pretrain-vision": ("miniflamingo.pretrain_vision", "main", "contrastive pretraining of the NFNet"),
     "train": ("miniflamingo.train", "main", "train Flamingo's resampler and gated xattn on the frozen parts"),
     "eval": ("miniflamingo.evaluate", "main", "few-shot evaluation: a table of tasks by shots, eval.json"),
-    "ask": ("miniflamingo.evaluate", "ask_main", "caption or answer a question about your own image"),
+    "ask": ("miniflamingo.ask", "main", "caption or answer a question about your own image"),
     "demo": ("miniflamingo.demo", "main", "the whole pipeline on the synthetic world, then a few-shot table"),
     "data": ("miniflamingo.readers", "main", "check a local data set and print one tokenized row"),
 }

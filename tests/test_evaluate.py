@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import IMAGE_SIZE, tiny_model
 
+from miniflamingo import ask
 from miniflamingo import evaluate as ev
 from miniflamingo import fewshot as fs
 from miniflamingo.data import DataError
@@ -146,14 +147,14 @@ def test_eval_command_end_to_end(run_dir, capsys):
 
 def test_ask_on_sample_photos(run_dir, tmp_path, capsys):
     args = ["--run", str(run_dir), "--image", str(SAMPLES / "chelsea.jpg")]
-    assert ev.ask_main(args + ["--examples", str(SAMPLES / "captions.jsonl"), "--shots", "3"]) == 0
+    assert ask.main(args + ["--examples", str(SAMPLES / "captions.jsonl"), "--shots", "3"]) == 0
     out = capsys.readouterr().out
     prompt = next(line for line in out.splitlines() if line.startswith("prompt: "))
     assert prompt.count("<image>") == 4 and prompt.endswith("<image>Output:") and "answer: " in out
     # the photo itself is among the examples: RICES finds it (cosine 1) and puts it last, next to the query
     assert prompt.endswith("<image>Output: A close-up of a tabby cat with green eyes looking to the side."
                            "<|endofchunk|><image>Output:")
-    assert ev.ask_main(args + ["--question", "What animal is this?", "--shots", "2"]) == 0
+    assert ask.main(args + ["--question", "What animal is this?", "--shots", "2"]) == 0
     out = capsys.readouterr().out
     assert "synthetic world" in out and "Short answer:" in out
     assert out.split("prompt: ")[1].count("<image>") == 3
@@ -161,9 +162,9 @@ def test_ask_on_sample_photos(run_dir, tmp_path, capsys):
     good = json.dumps({"image": str(SAMPLES / "chelsea.jpg"), "caption": "a cat"})
     bad.write_text(good + '\n{"image": 3}\n')
     with pytest.raises(DataError, match="bad.jsonl:2"):
-        ev.read_examples(bad, IMAGE_SIZE)
+        ask.read_examples(bad, IMAGE_SIZE)
     bad.write_text(good + '\n["chelsea.jpg", "a cat"]\n')
     with pytest.raises(DataError, match="bad.jsonl:2"):
-        ev.read_examples(bad, IMAGE_SIZE)
-    assert ev.ask_main(args + ["--examples", str(bad)]) == 1
+        ask.read_examples(bad, IMAGE_SIZE)
+    assert ask.main(args + ["--examples", str(bad)]) == 1
     assert "bad.jsonl:2" in capsys.readouterr().err
