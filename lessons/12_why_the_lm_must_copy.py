@@ -32,6 +32,7 @@ Run: python lessons/12_why_the_lm_must_copy.py [--run runs/demo]  (writes runs/l
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import asdict
@@ -111,7 +112,11 @@ else:
     lm_budget = [*demo.FULL["lm"], "--threads", "1"]  # the demo's recipe; the LM is as fast on 1 thread
     train_budget = [*demo.FULL["train"], "--log-every", "100"]
     episodes = "40"
+stamp = json.dumps({"run": str(run.resolve()), "lm": lm_budget, "train": train_budget})  # what out holds
+if (out / "source.json").is_file() and (out / "source.json").read_text() != stamp:
+    shutil.rmtree(out)  # made from other parts or budgets: start over rather than resume it
 out.mkdir(parents=True, exist_ok=True)
+(out / "source.json").write_text(stamp)
 TASKS = {"captioning": "4", "binding_2way": "1", "binding_5way": "1"}  # task -> shots (binding: per class)
 
 print(f"\n2. Pretraining an LM on text with no in-context binding (captions and questions of unrelated "

@@ -34,6 +34,7 @@ one folder per variant with its eval.json, and ablations.json); --quick: the tes
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import asdict
@@ -161,7 +162,11 @@ print(f"\n2. Training each variant ({budget[1]} steps) on the frozen parts in {r
 results = {}
 for name, flags in VARIANTS.items():
     folder = out / name.replace(" ", "_").replace(">", "").replace("-_", "")
+    stamp = json.dumps({"run": str(run.resolve()), "train": [*budget, *flags]})  # what the folder holds
+    if (folder / "source.json").is_file() and (folder / "source.json").read_text() != stamp:
+        shutil.rmtree(folder)  # trained from other parts or steps: start over rather than resume it
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "source.json").write_text(stamp)
     t0 = time.perf_counter()
     if not (folder / "eval.json").is_file():  # a rerun resumes where it stopped
         rc = train.main(["--run", str(folder), "--vision", str(run / "vision.pt"), "--lm", str(run / "lm.pt"),
@@ -177,18 +182,22 @@ for name, flags in VARIANTS.items():
 # ----------------------------------------------------------------------------- 3. ours beside the paper's
 
 base, pbase = results["baseline"], PAPER["baseline"]
+WIDTHS = (9, 7, 8, 6, 6, 6, 7)  # ours: captions, VQA, binding | paper: COCO, VQAv2, MSVDQA, overall
+
+
+def cell(v, width: int, sign: str) -> str:
+    return f"{'-':>{width}s}" if v is None else f"{v:{sign}{width}.1f}"
+
+
 print("\n3. Change against the baseline: ours (tiny world, one seed) beside the paper's (Flamingo-3B)")
 print(f"   {'variant':22s} {'captions':>9s} {'VQA':>7s} {'binding':>8s} | {'COCO':>6s} {'VQAv2':>6s} "
       f"{'MSVDQA':>6s} {'overall':>7s}")
 for name in VARIANTS:
-    r, p = results[name], PAPER[name]
-    ours = [r[t] - base[t] if name != "baseline" else r[t] for t in TASKS]
-    paper = [a - b if name != "baseline" and a is not None else a for a, b in zip(p, pbase)]
-    sign = "" if name == "baseline" else "+"
-    print(f"   {name:22s} " + " ".join(f"{v:{sign}9.1f}" if i == 0 else f"{v:{sign}7.1f}" if i == 1
-                                       else f"{v:{sign}8.1f}" for i, v in enumerate(ours))
-          + " | " + " ".join(f"{v:{sign}6.1f}" if v is not None else f"{'-':>6s}" for v in paper[:3])
-          + (f" {paper[3]:{sign}7.1f}" if paper[3] is not None else f" {'-':>7s}"))
+    first = name == "baseline"  # absolute numbers; the other rows are changes against it
+    ours = [results[name][t] - (0 if first else base[t]) for t in TASKS]
+    paper = [a if first or a is None else a - b for a, b in zip(PAPER[name], pbase)]
+    cells = [cell(v, w, "" if first else "+") for v, w in zip(ours + paper, WIDTHS)]
+    print(f"   {name:22s} {' '.join(cells[:3])} | {' '.join(cells[3:])}")
 for name in VARIANTS:
     for t, v in results[name].items():
         assert 0 <= v <= (1000 if t == "captioning" else 100), f"{name} {t}: {v} out of range"
