@@ -212,10 +212,13 @@ def collate(rows: list[tuple[list[int], list]], special, seq_len: int | None = N
         device = flat[0][1].device
         media = torch.zeros(B * T, F, *shape, device=device)  # (B*T, F, 3, H, W) or (B*T, F, S, Dv)
         frames = torch.zeros(B * T, dtype=torch.long)  # real frames per slot
-        for n in sorted({t.shape[0] for _, t in flat}):
-            rows = [r for r, t in flat if t.shape[0] == n]
+        by_count: dict[int, list] = {}  # real frames -> [(B*T row, media)]
+        for r, t in flat:
+            by_count.setdefault(t.shape[0], []).append((r, t))
+        for n, items in by_count.items():
+            rows = [r for r, _ in items]
             media[:, :n].index_copy_(0, torch.tensor(rows, device=device),
-                                     torch.stack([t for _, t in flat if t.shape[0] == n]))  # frames past n: 0
+                                     torch.stack([t for _, t in items]))  # frames past n stay 0: padding
             frames[rows] = n
         media, frames = media.view(B, T, F, *shape), frames.view(B, T)  # (B, T, F, ...), (B, T)
     return (input_ids, media, targets, frames) if return_frames else (input_ids, media, targets)

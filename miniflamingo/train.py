@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                 model.load_state_dict(state["model"])
                 opt.load_state_dict(state["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:  # parameter groups or sharding differ
-            raise SystemExit(f"train: cannot resume {ckpt_path}: its optimizer state does not fit this run "
-                             f"(written with other --gate-lr-mult, --train-lm or --fsdp?): {e}") from e
+            raise SystemExit(f"train: cannot resume {ckpt_path}: its model or optimizer state does not fit "
+                             f"this run (other --gate-lr-mult, --train-lm or --fsdp?): {e}") from e
         step = state["step"]
         log(f"resuming from {ckpt_path} at step {step}")
     dtype = auto_dtype(cfg.lm, device) if args.dtype == "auto" else args.dtype
