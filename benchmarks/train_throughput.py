@@ -16,8 +16,9 @@ Notable features
   and of the frozen LM (activation grads only, about 1x forward: autograd computes no weight grads for
   frozen weights); attention and the LM head included (on the meta device SDPA runs as counted bmm's).
   Not counted: elementwise ops, norms, softmax, AdamW. The frozen vision encoder does not run in the step.
-  Padding is counted as run: rows padded to the longest of their batch, xattn's grouped chunks, and the
-  resampler's empty media slots and padded frames (the report prints real frames / frames run).
+  Padding is counted as run: rows padded to the longest of their batch and xattn's grouped chunks. The
+  resampler runs real frames only (it groups media by frame count; the frames stay on the host, so the
+  meta copy groups exactly as the real step does).
 - MFU = counted FLOPs per second / this machine's matmul peak measured in the same run: a square matmul
   (2048 on a CPU, 8192 on a GPU), median of 5 repeats just before and 5 just after the preset's steps
   (the shared machine's speed drifts), in the dtype of the step (bf16 when autocast is used, the default
@@ -109,14 +110,14 @@ def count_flops(meta_model: Flamingo, batches, autocast) -> tuple[int, int]:
         for b in batches:
             with autocast():
                 _, loss = meta_model(b.input_ids.to("meta"), vision_features=_meta(b.media),
-                                     targets=b.targets.to("meta"), media_frames=_meta(b.frames))
+                                     targets=b.targets.to("meta"), media_frames=b.frames)
             (b.weight * loss).backward()
     part = flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
     with part:  # the resampler alone: its input needs no grad, so this is exactly its share of the step
         for b in batches:
             if b.media is not None:
                 with autocast():
-                    latents = meta_model.resampler(_meta(b.media), _meta(b.frames))
+                    latents = meta_model.resampler(_meta(b.media), b.frames)
                 latents.float().sum().backward()
     meta_model.zero_grad(set_to_none=True)
     return total.get_total_flops(), part.get_total_flops()
@@ -178,7 +179,7 @@ def train_step(model, opt, sampler, step: int, device: torch.device, autocast) -
     for b in batches:
         x, y = b.input_ids.to(device), b.targets.to(device)
         feats = None if b.media is None else b.media.to(device)
-        frames = None if b.frames is None else b.frames.to(device)
+        frames = b.frames  # on the host, as train.py keeps them: the resampler reads the counts
         n_tokens = (y != -100).sum()
         lap("data")
         if n_tokens == 0:
@@ -284,7 +285,8 @@ def report(r: dict) -> None:
           f"{r['tokens_per_step']:.0f} tokens ({r['loss_tokens']:.0f} with a loss) and "
           f"{r['flops_per_step'] / 1e9:.2f} GFLOP per step, resampler "
           f"{100 * r['resampler'] / r['flops_per_step']:.0f}% "
-          f"(real frames {r['frames_real']:.0f} of {r['frames_run']:.0f} slots x frames it runs on)")
+          f"(it runs the {r['frames_real']:.0f} real frames of the batches' {r['frames_run']:.0f} "
+          f"slots x frames)")
     print(f"step {1e3 * s['total']:.0f} ms = data {1e3 * s['data']:.0f} + forward {1e3 * s['forward']:.0f} + "
           f"backward {1e3 * s['backward']:.0f} + optimizer {1e3 * s['optimizer']:.0f} ms (medians)")
     print(f"tokens/s {r['tokens_per_s']:.0f}; achieved {r['achieved'] / 1e9:.2f} GFLOP/s; "

@@ -135,7 +135,7 @@ class Flamingo(nn.Module):
         every = self.cfg.xattn.every
 
         def before_block(i: int, x: torch.Tensor) -> torch.Tensor:
-            return self.xattn[i // every](x, latents, phi) if i % every == 0 else x
+            return self.xattn[i // every](x, latents, phi, phi_checked=True) if i % every == 0 else x
 
         return before_block
 

@@ -7,9 +7,9 @@ Notable features
 - Video: learned temporal embeddings, one per frame, are added before the frames are flattened into one
   key/value set. A video with more frames than `max_frames` gets linearly interpolated temporal
   embeddings (paper App. B.1.2: trained with 8 frames, evaluated with 30).
-- Batches mixing images and videos: `frames` (B, T) gives each media's real-frame count; the keys of the
-  padded frames are masked out and each media's temporal embeddings follow its own count, so a media's
-  latents do not depend on how many frames the other media in the batch have (padding changes nothing).
+- Batches mixing images and videos: `frames` (B, T) gives each media's real-frame count; media are
+  grouped by that count and each group runs on its real frames only, so a media's latents do not depend
+  on how many frames the other media in the batch have, and padding costs no work.
 - No spatial position encoding (the paper saw no gain from it), so the output does not change when the
   S grid cells of a frame are permuted.
 - Squared-ReLU feed-forward (paper App. A.1.4, as in Primer), pre-LayerNorm everywhere, a final LayerNorm.
@@ -57,10 +57,8 @@ class PerceiverAttention(nn.Module):
         self.to_kv = nn.Linear(cfg.d_model, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, latents: torch.Tensor, key_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """x (N, M, Dr) features, latents (N, R, Dr); key_mask (N, M + R) bool, True = a real key, or None
-        (all real). The latents' own keys are always real, so no query is left with nothing to attend to."""
+    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """x (N, M, Dr) features, latents (N, R, Dr): all real (PerceiverResampler drops padding first)."""
         N, M, _ = x.shape  # M = F * S features of one media
         R = latents.shape[1]
         nh, hs = self.n_head, self.d_head
@@ -68,8 +66,7 @@ class PerceiverAttention(nn.Module):
         kv_in = torch.cat([self.norm_media(x), latents], dim=1)  # (N, M + R, Dr), paper: kv = concat(x_f, x)
         q = self.to_q(latents).view(N, R, nh, hs).transpose(1, 2)  # (N, nh, R, hs)
         k, v = self.to_kv(kv_in).view(N, M + R, 2, nh, hs).permute(2, 0, 3, 1, 4)  # (2, N, nh, M+R, hs)
-        mask = None if key_mask is None else key_mask[:, None, None, :]  # (N, 1, 1, M+R): all queries alike
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, nh, R, hs)
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, nh, R, hs)
         return self.to_out(out.transpose(1, 2).reshape(N, R, nh * hs))  # (N, R, Dr)
 
 
@@ -79,9 +76,8 @@ class ResamplerLayer(nn.Module):
         self.attn = PerceiverAttention(cfg)
         self.ffw = FeedForward(cfg.d_model, cfg.ff_mult)
 
-    def forward(self, x: torch.Tensor, latents: torch.Tensor, key_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        latents = latents + self.attn(x, latents, key_mask)  # paper Fig. 3: x = x + attention_i(x, [x_f, x])
+    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents + self.attn(x, latents)  # paper Fig. 3: x = x + attention_i(x, [x_f, x])
         return latents + self.ffw(latents)  # x = x + ffw_i(x)
 
 
@@ -103,62 +99,73 @@ class PerceiverResampler(nn.Module):
             nn.init.normal_(self.latents)  # unit scale, as in open_flamingo; LayerNorm follows anyway
             nn.init.normal_(self.time_embeddings)
 
-    def media_frame_embeddings(self, frames: torch.Tensor, n_slots: int) -> torch.Tensor:
-        """(N,) real-frame counts -> (N, n_slots, Dr) temporal embeddings, each media by its own count.
-        Up to max_frames frames: the first n learned ones (an image is frame 0). Beyond: the learned ones
-        linearly interpolated over the n frames (paper App. B.1.2), as F.interpolate(align_corners=True)
-        would. Slots past a media's n frames are padding; they get the last learned one and are masked."""
+    def frame_embeddings(self, n_frames: int) -> torch.Tensor:
+        """(n_frames, Dr) temporal embeddings of a media with n_frames frames. Up to max_frames: the first
+        n learned ones (an image is frame 0). Beyond: the learned ones linearly interpolated over the n
+        frames (paper App. B.1.2), as F.interpolate(align_corners=True) would."""
         emb = self.time_embeddings  # (max_frames, Dr)
         last = emb.shape[0] - 1
-        f = torch.arange(n_slots, device=emb.device, dtype=torch.float32)  # (F,), positions in float32
-        n = frames.to(emb.device, torch.float32).clamp(min=2)[:, None]  # (N, 1); n - 1 > 0 below
-        stretch = torch.where(n - 1 > last, last / (n - 1), 1.0)  # (N, 1), 1 = the learned ones as they are
-        pos = (f * stretch).clamp(max=last)  # (N, F): where each frame sits in the learned table
-        lo = pos.floor().long()  # (N, F)
+        if n_frames <= last + 1:
+            return emb[:n_frames]
+        pos = torch.arange(n_frames, device=emb.device, dtype=torch.float32) * (last / (n_frames - 1))  # (F,)
+        lo = pos.floor().long().clamp(max=last)
         hi = (lo + 1).clamp(max=last)
-        w = (pos - lo)[..., None].to(emb.dtype)  # (N, F, 1); 0 gives emb[lo] exactly
-        # index_select, not emb[lo]: on a GPU the backward of advanced indexing sorts its (N*F) indices
-        # into these few rows, a slow kernel; index_select's backward adds atomically.
-        N, F = lo.shape
-        lo_emb, hi_emb = (emb.index_select(0, i.reshape(-1)).view(N, F, -1) for i in (lo, hi))  # (N, F, Dr)
-        return torch.lerp(lo_emb, hi_emb, w)  # (N, F, Dr)
-
-    def frame_embeddings(self, n_frames: int) -> torch.Tensor:
-        """(n_frames, Dr) temporal embeddings of a media with n_frames real frames."""
-        frames = torch.tensor([n_frames], device=self.time_embeddings.device)
-        return self.media_frame_embeddings(frames, n_frames)[0]  # (F, Dr)
+        w = (pos - lo)[:, None].to(emb.dtype)  # (F, 1)
+        # index_select, not emb[lo]: on a GPU the backward of advanced indexing sorts its indices, a slow
+        # kernel; index_select's backward adds atomically.
+        return torch.lerp(emb.index_select(0, lo), emb.index_select(0, hi), w)  # (F, Dr)
 
     def forward(self, x: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, F, S, Dv) features; frames (B, T) long, the number of real frames of each media (the
-        first ones; the rest are padding, 0 = an empty slot), or None: all F frames are real."""
+        first ones; the rest are padding, 0 = an empty slot), or None: all F frames are real.
+
+        With frames, media are grouped by their real-frame count and each group runs on its own frames
+        only, so padding costs nothing: in a tiny training batch with one video, every image is padded to
+        the video's 6 frames and rows to 8 media slots, and 22% of the frame slots were real (issue 6). An
+        empty slot gives zeros: no token reads it (phi never points past a row's images). The counts are
+        read on the host: keep frames there (train.py does) and no device sync is needed. Frames on the
+        meta device carry no counts, so there (shapes only) every frame counts as real."""
         if x.dim() != 5 or x.shape[-1] != self.d_media:
             raise ValueError(
                 f"expected vision features (B, T, F, S, Dv={self.d_media}), got {tuple(x.shape)}"
             )
         B, T, n_frames, S, _ = x.shape
         R, D = self.cfg.num_latents, self.cfg.d_model
-        if frames is not None:
-            if frames.shape != (B, T) or frames.dtype != torch.long:
-                raise ValueError(f"expected frames (B={B}, T={T}) long, got {frames.dtype} "
-                                 f"{tuple(frames.shape)}")
-            if not frames.is_meta and frames.numel() and (frames.min() < 0 or frames.max() > n_frames):
-                raise ValueError(f"frames must be real-frame counts in [0, F={n_frames}], got "
-                                 f"{int(frames.min())}..{int(frames.max())}")
-        x = self.proj(x)  # (B, T, F, S, Dr)
-        if frames is None:
-            x = x + self.frame_embeddings(n_frames)[:, None, :]  # (F, 1, Dr) broadcast over the S cells
-            key_mask = None
-        else:
-            emb = self.media_frame_embeddings(frames.reshape(B * T), n_frames)  # (N, F, Dr)
-            x = x + emb.view(B, T, n_frames, 1, D)  # (B, T, F, 1, Dr) broadcast over the S cells
-            real = torch.arange(n_frames, device=x.device) < frames.reshape(B * T, 1).to(x.device)  # (N, F)
-            real = real[:, :, None].expand(B * T, n_frames, S).reshape(B * T, n_frames * S)  # (N, F*S)
-            key_mask = torch.cat([real, real.new_ones(B * T, R)], dim=1)  # (N, F*S + R): latents always real
-        x = x.reshape(B * T, n_frames * S, D)  # (N, F*S, Dr): all frames of a media in one key/value set
-        latents = self.latents.expand(B * T, R, D)  # (N, R, Dr)
+        flat = x.reshape(B * T, n_frames, S, x.shape[-1])  # (N, F, S, Dv)
+        if frames is None or frames.is_meta:
+            if frames is not None and frames.shape != (B, T):
+                raise ValueError(f"expected frames (B={B}, T={T}) long, got {tuple(frames.shape)}")
+            return self.resample(flat).view(B, T, R, D)
+        if frames.shape != (B, T) or frames.dtype != torch.long:
+            raise ValueError(f"expected frames (B={B}, T={T}) long, got {frames.dtype} {tuple(frames.shape)}")
+        counts = frames.reshape(B * T).tolist()  # one read of (B*T) counts; free when frames are on the host
+        if min(counts, default=0) < 0 or max(counts, default=0) > n_frames:
+            raise ValueError(f"frames must be real-frame counts in [0, F={n_frames}], got "
+                             f"{min(counts)}..{max(counts)}")
+        groups: dict[int, list[int]] = {}  # real frames -> media (rows of flat)
+        for i, n in enumerate(counts):
+            groups.setdefault(n, []).append(i)
+        out = None
+        for n, rows in groups.items():
+            if n == 0:
+                continue
+            idx = torch.tensor(rows, device=x.device)
+            y = self.resample(flat.index_select(0, idx)[:, :n])  # (len(rows), R, Dr): real frames only
+            out = (y.new_zeros(B * T, R, D) if out is None else out).index_copy(0, idx, y)
+        if out is None:  # nothing but empty slots
+            out = self.latents.new_zeros(B * T, R, D)
+        return out.view(B, T, R, D)  # (B, T, R, Dr)
+
+    def resample(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, F, S, Dv) features, all F frames real -> (N, R, Dr) latents."""
+        N, n_frames, S, _ = x.shape
+        R, D = self.cfg.num_latents, self.cfg.d_model
+        x = self.proj(x) + self.frame_embeddings(n_frames)[:, None, :]  # (N, F, S, Dr); (F, 1, Dr) over cells
+        x = x.reshape(N, n_frames * S, D)  # (N, F*S, Dr): all frames of a media in one key/value set
+        latents = self.latents.expand(N, R, D)  # (N, R, Dr)
         for layer in self.layers:
-            latents = layer(x, latents, key_mask)
-        return self.norm(latents).view(B, T, R, D)  # (B, T, R, Dr)
+            latents = layer(x, latents)
+        return self.norm(latents)  # (N, R, Dr)
 
 
 class MLPResampler(nn.Module):

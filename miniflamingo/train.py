@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         for b in sampler.batch(step):  # paper 2.4: accumulate over all datasets, then one update
             x, y = b.input_ids.to(device), b.targets.to(device)
             feats = None if b.media is None else b.media.to(device)
-            frames = None if b.frames is None else b.frames.to(device)  # padded frames are masked out
+            frames = b.frames  # stays on the host: the resampler groups media by these counts (no sync)
             n_local = (y != -100).sum()
             n_global = distributed.global_count(n_local, world_size)
             if n_global == 0:

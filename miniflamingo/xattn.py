@@ -146,8 +146,11 @@ class GatedXAttnDense(nn.Module):
         self.attn_gate = nn.Parameter(torch.zeros(1), requires_grad=cfg.gated)
         self.ff_gate = nn.Parameter(torch.zeros(1), requires_grad=cfg.gated)
 
-    def forward(self, x: torch.Tensor, media: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-        self._check(x, media, phi)
+    def forward(self, x: torch.Tensor, media: torch.Tensor, phi: torch.Tensor, phi_checked: bool = False
+                ) -> torch.Tensor:
+        """phi_checked: the caller has already checked phi's range (Flamingo does, once per forward), so
+        the layer skips reading phi back to the host: on a GPU that read is a sync per layer (issue 6)."""
+        self._check(x, media, phi, phi_checked)
         attn_gate = self.attn_gate.tanh() if self.gated else 1.0
         ff_gate = self.ff_gate.tanh() if self.gated else 1.0
         x = x + attn_gate * self.attn(x, media, phi)  # already exactly zero where phi = 0
@@ -157,7 +160,7 @@ class GatedXAttnDense(nn.Module):
         has_media = (phi > 0).unsqueeze(-1)  # (B, L, 1)
         return x + ff_gate * torch.where(has_media, self.ffw(x), 0.0)
 
-    def _check(self, x, media, phi) -> None:
+    def _check(self, x, media, phi, phi_checked: bool = False) -> None:
         if x.dim() != 3 or media.dim() != 4 or media.shape[0] != x.shape[0]:
             raise ValueError(
                 f"expected x (B, L, D) and media (B, T, R, Dr) with the same B, got x {tuple(x.shape)}, "
@@ -168,7 +171,7 @@ class GatedXAttnDense(nn.Module):
                 f"expected phi (B, L) = {tuple(x.shape[:2])} long, got {tuple(phi.shape)} {phi.dtype}"
             )
         T = media.shape[1]
-        if phi.numel() and not phi.is_meta and (int(phi.min()) < 0 or int(phi.max()) > T):
+        if not phi_checked and phi.numel() and not phi.is_meta and (int(phi.min()) < 0 or int(phi.max()) > T):
             raise ValueError(
                 f"phi refers to media slot {int(phi.max())} (1-based) but media has only {T} slots"
             )
