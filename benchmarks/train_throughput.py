@@ -110,7 +110,7 @@ def count_flops(meta_model: Flamingo, batches, autocast) -> tuple[int, int]:
         for b in batches:
             with autocast():
                 _, loss = meta_model(b.input_ids.to("meta"), vision_features=_meta(b.media),
-                                     targets=b.targets.to("meta"), media_frames=b.frames)
+                                     targets=b.targets, media_frames=b.frames, return_logits=False)
             (b.weight * loss).backward()
     part = flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
     with part:  # the resampler alone: its input needs no grad, so this is exactly its share of the step
@@ -185,7 +185,7 @@ def train_step(model, opt, sampler, step: int, device: torch.device, autocast) -
         if n_tokens == 0:
             continue
         with autocast():
-            _, loss = model(x, vision_features=feats, targets=y, media_frames=frames)
+            _, loss = model(x, vision_features=feats, targets=y, media_frames=frames, return_logits=False)
         if not torch.isfinite(loss):  # train.py checks each loss too (one host sync, as there)
             raise SystemExit(f"loss is {loss.item()} at step {step} on {b.name!r}")
         lap("forward")

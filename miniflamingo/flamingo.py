@@ -159,19 +159,20 @@ class Flamingo(nn.Module):
         return phi
 
     def forward(self, input_ids, media=None, targets=None, *, attention_mask=None, vision_features=None,
-                media_latents=None, media_frames=None):
+                media_latents=None, media_frames=None, return_logits: bool = True):
         """input_ids (B, L) long; media (B, T, F, C, H, W) in [0, 1] (or vision_features (B, T, F, S, Dv),
         or media_latents (B, T, R, Dr)); targets (B, L) with -100 = no loss; attention_mask (B, L) bool,
         False on (left) padding; media_frames (B, T) long, real frames per media when shorter media are
         padded to F (data.collate(return_frames=True)), None = all real.
-        Returns logits (B, L, V) and the mean cross-entropy (None without targets).
+        Returns logits (B, L, V) and the mean cross-entropy (None without targets); return_logits=False
+        (training) returns (None, loss) and runs the LM head only where there is a target.
         """
         self._check_ids(input_ids)
         attention_mask = None if attention_mask is None else attention_mask.bool()
         latents = self._media_latents(input_ids.shape[0], media, vision_features, media_latents, media_frames)
         phi = self._phi(input_ids, attention_mask, latents)
         return self.lm(inputs_embeds=self.embed(input_ids), targets=targets, key_mask=attention_mask,
-                       before_block=self._xattn_hook(latents, phi))
+                       before_block=self._xattn_hook(latents, phi), return_logits=return_logits)
 
     # ----------------------------------------------------------------------------- generation
 

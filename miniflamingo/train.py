@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             if n_global == 0:
                 continue  # nothing to predict in this batch (no text after an <image>)
             with autocast:
-                _, loss = ddp(x, vision_features=feats, targets=y, media_frames=frames)
+                _, loss = ddp(x, vision_features=feats, targets=y, media_frames=frames,
+                              return_logits=False)
             if n_local == 0:
                 loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0  # keep DDP in step
             summed = distributed.global_count(loss.detach() * n_local, world_size)

@@ -214,6 +214,32 @@ def test_loss_is_cross_entropy_over_targets(batch):
     torch.testing.assert_close(loss, expected)
 
 
+@SETTINGS
+@given(batch=batches(), data=st.data())
+def test_training_loss_without_logits_is_the_same_loss(batch, data):
+    """return_logits=False runs the LM head only where there is a target: the same loss, and gradients
+    of the trained parameters equal to those of the full forward."""
+    ids, media, _ = batch
+    m = build().train()
+    targets = ids.roll(-1, dims=1)
+    drop = torch.tensor(data.draw(st.lists(st.booleans(), min_size=ids.numel(), max_size=ids.numel())))
+    targets[drop.view_as(ids)] = -100
+    if (targets == -100).all():
+        targets[0, 0] = 3
+    grads = []
+    for return_logits in (True, False):
+        m.zero_grad()
+        logits, loss = m(ids, media, targets, return_logits=return_logits)
+        assert (logits is None) == (not return_logits)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    (full, g_full), (part, g_part) = grads
+    torch.testing.assert_close(part, full)
+    assert len(g_full) == len(g_part) > 0
+    for a, b in zip(g_full, g_part):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_too_many_images_and_bad_shapes_are_named():
     """Property 9 and the other errors of DESIGN.md 7."""
     m = build()
