@@ -132,12 +132,10 @@ class PerceiverResampler(nn.Module):
         B, T, n_frames, S, _ = x.shape
         R, D = self.cfg.num_latents, self.cfg.d_model
         flat = x.reshape(B * T, n_frames, S, x.shape[-1])  # (N, F, S, Dv)
-        if frames is None or frames.is_meta:
-            if frames is not None and frames.shape != (B, T):
-                raise ValueError(f"expected frames (B={B}, T={T}) long, got {tuple(frames.shape)}")
-            return self.resample(flat).view(B, T, R, D)
-        if frames.shape != (B, T) or frames.dtype != torch.long:
+        if frames is not None and (frames.shape != (B, T) or frames.dtype != torch.long):
             raise ValueError(f"expected frames (B={B}, T={T}) long, got {frames.dtype} {tuple(frames.shape)}")
+        if frames is None or frames.is_meta:
+            return self.resample(flat).view(B, T, R, D)
         counts = frames.reshape(B * T).tolist()  # one read of (B*T) counts; free when frames are on the host
         if min(counts, default=0) < 0 or max(counts, default=0) > n_frames:
             raise ValueError(f"frames must be real-frame counts in [0, F={n_frames}], got "
