@@ -138,6 +138,10 @@ def test_bad_input_names_the_layout():
         m(torch.randn(1, 1, 2, 3, D_MEDIA), torch.tensor([2]))
     with pytest.raises(ValueError, match=r"\[0, F=2\]"):
         m(torch.randn(1, 1, 2, 3, D_MEDIA), torch.tensor([[3]]))
+    with pytest.raises(ValueError, match=r"frames \(B=1, T=1\) long, got torch.float32"):
+        m(torch.randn(1, 1, 2, 3, D_MEDIA), torch.tensor([[2.0]]))
+    with pytest.raises(ValueError, match=r"frames \(B=1, T=1\) long"):  # on the meta device too
+        m(torch.randn(1, 1, 2, 3, D_MEDIA, device="meta"), torch.tensor([2], device="meta"))
 
 
 def test_paper_resampler_has_194m_parameters():
