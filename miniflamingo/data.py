@@ -176,7 +176,7 @@ def collate(rows: list[tuple[list[int], list]], special, seq_len: int | None = N
     first `<image>` (phi = 0). L = seq_len, or the longest row; padding is eot_id. T = max_media, or
     the most media in a row; slot j of row i holds the media of its (j+1)-th `<image>`; empty slots are
     zeros. F = the most frames in the batch; a media with fewer frames is padded with zero frames, and
-    frames[i, j] counts the real ones (0 for an empty slot), for the resampler to mask the padding out:
+    frames[i, j] counts the real ones (0 for an empty slot), for the resampler to skip the padding:
     an image in a batch with a video must stay an image, not become a still video. media (and frames)
     are None when no row has media.
     `special` is anything with .image_id and .eot_id: a Tokenizer or a FlamingoConfig.
@@ -307,7 +307,7 @@ class MixtureBatch(NamedTuple):
     input_ids: torch.Tensor  # (B, L)
     media: torch.Tensor | None  # (B, T, F, 3, H, W) or features (B, T, F, S, Dv)
     targets: torch.Tensor  # (B, L)
-    frames: torch.Tensor | None = None  # (B, T) real frames per media slot, for the resampler's mask
+    frames: torch.Tensor | None = None  # (B, T) real frames per media slot, for the resampler to skip padding
 
 
 class MixtureSampler:

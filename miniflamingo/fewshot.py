@@ -149,7 +149,7 @@ def media_batch(media_lists: list[list]) -> tuple[torch.Tensor, torch.Tensor]:
     """Media of B prompts -> (B, T, F, 3, H, W) pixels in [0, 1], or (B, T, F, S, Dv) when the media are
     vision features, and frames (B, T) long, the real frames of each slot. T = the most media in a
     prompt, F = the most frames. As in data.collate: unused slots and frames are zeros, and the resampler
-    masks them out by `frames`, so an image stays an image beside a video."""
+    skips them by `frames`, so an image stays an image beside a video."""
     tensors = [[media_to_tensor(m) for m in ms] for ms in media_lists]
     sizes = {tuple(t.shape[1:]) for ts in tensors for t in ts}
     if len(sizes) != 1:

@@ -95,7 +95,7 @@ class Flamingo(nn.Module):
 
     def encode_media(self, media=None, *, vision_features=None, media_frames=None) -> torch.Tensor:
         """Pixels (B, T, F, C, H, W) or vision features (B, T, F, S, Dv) -> media latents (B, T, R, Dr).
-        media_frames (B, T) long: real frames per media (the rest is padding, masked in the resampler), or
+        media_frames (B, T) long: real frames per media (the rest is padding, skipped by the resampler), or
         None: all F frames are real."""
         if vision_features is None:
             vision_features = self.encode_vision(media)

@@ -244,18 +244,20 @@ class GPT(nn.Module):
             x = block(x, mask, rotary, cache, i)
         if cache is not None:
             cache.length += L
-        if not return_logits and targets is not None:
+        h = self.ln_f(x)  # (B, L, D)
+        head_at_targets = not return_logits and targets is not None
+        if head_at_targets:
             # Targets may sit on the host while x is elsewhere (the benchmark's meta-device FLOP count).
             keep = (targets.reshape(B * L) != -100).nonzero().squeeze(1)  # (n,) positions with a target
-            h = self.ln_f(x).reshape(B * L, -1).index_select(0, keep.to(x.device))  # (n, D)
-            y = targets.reshape(B * L).index_select(0, keep).to(x.device)  # (n,)
-            return None, F.cross_entropy(self.lm_head(h).float(), y)
-        logits = self.lm_head(self.ln_f(x))  # (B, L, V)
+            h = h.reshape(B * L, -1).index_select(0, keep.to(x.device))  # (n, D)
+            targets = targets.reshape(B * L).index_select(0, keep).to(x.device)  # (n,)
+        logits = self.lm_head(h)  # (B, L, V), or (n, V) at the targets only
 
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(B * L, -1).float(), targets.reshape(B * L), ignore_index=-100)
-        return logits, loss
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                   ignore_index=-100)
+        return (None if head_at_targets else logits), loss
 
     def _embed(self, idx, inputs_embeds) -> torch.Tensor:
         if (idx is None) == (inputs_embeds is None):

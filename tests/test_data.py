@@ -221,7 +221,7 @@ def test_collate_videos_frames_and_fixed_sizes():
     x, media, y, frames = collate(rows, TOK, seq_len=16, max_media=3, return_frames=True)
     assert x.shape == y.shape == (2, 16) and media.shape == (2, 3, 3, 3, 2, 2)  # (B, T, F, 3, H, W)
     assert torch.equal(media[0, 0], media_to_tensor(video)) and media[:, 1:].abs().sum() == 0
-    # an image in a video batch stays an image: one real frame, then zero frames the resampler masks out
+    # an image in a video batch stays an image: one real frame, then zero frames the resampler skips
     assert (media[1, 0, 0] == 5 / 255).all() and (media[1, 0, 1:] == 0).all()
     assert frames.tolist() == [[3, 0, 0], [1, 0, 0]]
     with pytest.raises(ValueError, match="<image> tokens"):
