@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     run_stage("train", train.main, ["train", *common, "--threads", str(threads), *budget["train"]], done,
               state_path)
     if done.get("eval"):  # the table of an earlier run, so a rerun always ends with it
-        print(evaluate.format_table(json.loads((run / "eval.json").read_text())))
+        results = json.loads((run / "eval.json").read_text())
+        print(evaluate.format_table(results), evaluate.format_kinds(results), sep="\n")
     run_stage("eval", evaluate.main, ["eval", "--run", str(run), *budget["eval"]], done, state_path)
     print(f"== demo finished in {time.perf_counter() - t0:.0f} s; everything is in {run}/", flush=True)
     return 0

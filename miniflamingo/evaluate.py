@@ -70,20 +70,22 @@ def open_items(world, name: str, n: int, split: str, seed: int) -> list[dict]:
     captions), "answer", "references"}]. Held-out combinations take their support from ordinary colour
     and shape questions, so the support never shows the query's combination."""
     if name == "captioning":
-        return [{"media": x["image"], "question": None, "answer": x["caption"], "references": x["references"]}
-                for x in world.caption_set(n, split, seed)]
+        return [{"media": x["image"], "question": None, "answer": x["caption"], "references": x["references"],
+                 "kind": None} for x in world.caption_set(n, split, seed)]
     if name == "vqa" or (name == "heldout_combos" and split != "test"):
         items = world.vqa_set(3 * n if name == "heldout_combos" else n, split, seed)
         if name == "heldout_combos":
             items = [x for x in items if x["kind"] in ("colour", "shape")][:n]
     elif name == "video_qa":
-        items = [{**x, "image": x["video"]} for x in world.video_qa_set(n, split, seed)]
+        # the kind that tells what the model sees: the event (move, colour, grows, shrinks)
+        items = [{**x, "image": x["video"], "kind": x["attrs"]["event"]["kind"]}
+                 for x in world.video_qa_set(n, split, seed)]
     elif name == "heldout_combos":
         items = world.heldout_combo_set(n, split, seed)
     else:
         raise ValueError(f"{name!r} is not an open-ended task")
     return [{"media": x["image"], "question": x["question"], "answer": x["answer"],
-             "references": x["answers"]} for x in items]
+             "references": x["answers"], "kind": x["kind"]} for x in items]
 
 
 def item_shot(item: dict, with_answer: bool = True) -> fs.Shot:
@@ -104,6 +106,15 @@ def score(metric: str, predictions: list[str], items: list[dict]) -> float:
     if metric == "cider_d":
         return cider_d(dict(enumerate(predictions)), {i: x["references"] for i, x in enumerate(items)})[0]
     return float(np.mean([vqa_accuracy(p, x["references"]) for p, x in zip(predictions, items)]))
+
+
+def score_by_kind(predictions: list[str], items: list[dict]) -> dict[str, float]:
+    """VQA accuracy per question kind (colour, size, ...; for videos the event: move, grows, ...), in the
+    order the kinds first appear: a total can hide a kind at chance (size questions were, in issue 7)."""
+    kinds: dict[str, list[float]] = {}
+    for p, x in zip(predictions, items):
+        kinds.setdefault(x["kind"], []).append(vqa_accuracy(p, x["references"]))
+    return {k: float(np.mean(v)) for k, v in kinds.items()}
 
 
 # ----------------------------------------------------------------------------- one cell of the table
@@ -194,6 +205,8 @@ def evaluate(model, tok, world, tasks=None, shots=(0, 4, 8, 16), episodes: int =
                 value, blind, predictions = open_cell(model, tok, task, queries, pool, n, [seed, t], features,
                                                       batch_size)
                 samples[name][str(n)] = [[p, q["answer"]] for p, q in zip(predictions[:N_SAMPLES], queries)]
+                if task.metric == "vqa_accuracy" and predictions:
+                    row.setdefault("kinds", {})[str(n)] = score_by_kind(predictions, queries)
             elif name == "ambiguous" and n > 4:  # the world's ambiguous episodes have 0-4 examples per word
                 value, blind = None, None
             else:
@@ -221,6 +234,16 @@ def format_table(results: dict) -> str:
                                       ("", "blind", row["blind"])):
             cells = "".join("       -" if values[k] is None else f"{100 * values[k]:8.1f}" for k in keys)
             lines.append(f"{label:<16}{metric:<10}{'':>12}{cells}")
+    return "\n".join(lines)
+
+
+def format_kinds(results: dict) -> str:
+    """One line per question-answering task and shot count: its accuracy per question kind, x100."""
+    lines = []
+    for name, row in results["tasks"].items():
+        for n, kinds in row.get("kinds", {}).items():
+            cells = ", ".join(f"{k} {100 * v:.0f}" for k, v in kinds.items())
+            lines.append(f"{name} by kind, {n} shots: {cells}")
     return "\n".join(lines)
 
 
@@ -312,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                        log=lambda msg: print(msg, file=sys.stderr, flush=True))
     results["settings"]["seconds"] = round(time.perf_counter() - start, 1)
     print(format_table(results))
+    if format_kinds(results):
+        print(format_kinds(results))
     out = Path(args.out) if args.out else Path(args.run) / "eval.json"
     write_json(results, out)
     print(f"wrote {out} ({results['settings']['seconds']}s)")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import IMAGE_SIZE, tiny_model
 
-from miniflamingo import ask
+from miniflamingo import ask, world_text
 from miniflamingo import evaluate as ev
 from miniflamingo import fewshot as fs
 from miniflamingo.data import DataError
@@ -168,3 +168,24 @@ def test_ask_on_sample_photos(run_dir, tmp_path, capsys):
         ask.read_examples(bad, IMAGE_SIZE)
     assert ask.main(args + ["--examples", str(bad)]) == 1
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_kinds_split_the_total(tok, world):
+    """Per-kind VQA accuracy: every question kind the set holds, each the mean over its own questions
+    (recomputed here from the samples' definition), and the kinds' size-weighted mean is the total."""
+    model = tiny_model()
+    r = ev.evaluate(model, tok, world, ["vqa", "video_qa", "captioning"], (0,), episodes=12, k_shots=())
+    for name, expected in (("vqa", set(world_text.QUESTION_KINDS)), ("video_qa", {"move", "colour",
+                                                                                  "grows", "shrinks"})):
+        row = r["tasks"][name]
+        kinds = row["kinds"]["0"]
+        items = ev.open_items(world, name, 12, "test", 0)
+        counts = {k: sum(x["kind"] == k for x in items) for k in kinds}
+        assert set(kinds) <= expected and sum(counts.values()) == 12
+        if name == "vqa":
+            assert set(kinds) == expected  # 12 questions cycle through the six kinds
+        total = sum(counts[k] * v for k, v in kinds.items()) / 12
+        assert total == pytest.approx(row["shots"]["0"])
+    assert "kinds" not in r["tasks"]["captioning"]
+    text = ev.format_kinds(r)
+    assert text.splitlines()[0].startswith("vqa by kind, 0 shots: colour ") and "video_qa by kind" in text
