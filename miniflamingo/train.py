@@ -60,27 +60,30 @@ DEFAULT_WEIGHTS = {"interleaved": 1.0, "image_text": 0.2, "video_text": 0.2}
 # ----------------------------------------------------------------------------- models and data
 
 
+def load_part(name: str, path: Path, part_cfg) -> dict:
+    """The weights of a stage-1 or stage-2 checkpoint (`name` "vision" or "lm"), after checking that it
+    was trained with the config the Flamingo config asks for."""
+    state = load_checkpoint(path)
+    saved = getattr(FlamingoConfig.from_dict({name: state["config"]}), name)
+    if saved != part_cfg:
+        raise SystemExit(f"train: {path} holds the {name} config {saved}, but the Flamingo config "
+                         f"asks for {part_cfg}; use the same preset and overrides")
+    return state["model"]
+
+
 def build_model(cfg: FlamingoConfig, run: Path, vision_path=None, lm_path=None) -> Flamingo:
     """A Flamingo with the pretrained, frozen vision encoder and LM of stages 1 and 2."""
     model = Flamingo(cfg)
-    parts = {}
-    for name, path, part_cfg in (("vision", vision_path or run / "vision.pt", cfg.vision),
-                                 ("lm", lm_path or run / "lm.pt", cfg.lm)):
-        state = load_checkpoint(path)
-        saved = getattr(FlamingoConfig.from_dict({name: state["config"]}), name)
-        if saved != part_cfg:
-            raise SystemExit(f"train: {path} holds the {name} config {saved}, but the Flamingo config "
-                             f"asks for {part_cfg}; use the same preset and overrides")
-        parts[name] = state["model"]
-    model.load_pretrained(vision_state=parts["vision"], lm_state=parts["lm"])
+    model.load_pretrained(vision_state=load_part("vision", vision_path or run / "vision.pt", cfg.vision),
+                          lm_state=load_part("lm", lm_path or run / "lm.pt", cfg.lm))
     return model
 
 
-def world_sources(model: Flamingo, tok, args, weights: dict[str, float]) -> list[Source]:
+def world_data(vision, image_size: int, tok, args) -> dict[str, DocumentDataset]:
     """The synthetic world's three datasets, with every media replaced by its frozen features."""
     from miniflamingo.world import World
 
-    world = World(seed=args.world_seed, image_size=model.cfg.vision.image_size)
+    world = World(seed=args.world_seed, image_size=image_size)
     t0 = time.perf_counter()
     data = {
         "interleaved": DocumentDataset.from_documents(world.documents(args.docs, seed=args.seed), tok),
@@ -88,14 +91,37 @@ def world_sources(model: Flamingo, tok, args, weights: dict[str, float]) -> list
         "video_text": DocumentDataset.from_pairs(world.video_text_pairs(args.videos, seed=args.seed), tok),
     }  # split "train" (the default): held-out images, combinations and novel shapes never appear
     t1 = time.perf_counter()
-    data = {name: d.with_features(model.vision) for name, d in data.items()}  # encoder frozen: encode once
+    data = {name: d.with_features(vision) for name, d in data.items()}  # encoder frozen: encode once
     log(f"data: {args.docs} documents, {args.pairs} image-text pairs, {args.videos} videos rendered in "
         f"{t1 - t0:.1f} s, encoded by the frozen vision encoder in {time.perf_counter() - t1:.1f} s")
+    return data
+
+
+def prepare_data(argv: list[str]) -> dict:
+    """world_data for a `train` command line, before stage 2 has finished: it needs only the vision
+    checkpoint and the tokenizer. The demo calls it on the core that the vision stage frees while the LM
+    still trains on the other, then passes it to main(argv, prepared=...), which uses it only for the very
+    same command line. The features are bit-identical to main's own (the encoder's output does not depend
+    on the thread count or the batch), so a run is the same either way."""
+    from miniflamingo.tokenizer import Tokenizer
+    from miniflamingo.vision import VisionEncoder
+
+    args, overrides = parse_args(argv)
+    cfg = FlamingoConfig.preset(args.preset).override(overrides)
+    vision = VisionEncoder(cfg.vision)
+    vision.load_state_dict(load_part("vision", Path(args.vision or Path(args.run) / "vision.pt"), cfg.vision))
+    vision.requires_grad_(False).eval()
+    return {"argv": list(argv), "data": world_data(vision, cfg.vision.image_size, Tokenizer.default(), args)}
+
+
+def world_sources(data: dict[str, DocumentDataset], cfg: FlamingoConfig, args,
+                  weights: dict[str, float]) -> list[Source]:
+    """The mixture's sources: each dataset with its weight lambda_m, batch size and row settings."""
     batch = {"interleaved": args.batch_size, "image_text": args.pair_batch_size,
              "video_text": args.video_batch_size}
-    seq_len = min(args.seq_len, model.cfg.lm.context_length)
+    seq_len = min(args.seq_len, cfg.lm.context_length)
     return [Source(name, data[name], weights[name], batch[name], seq_len=seq_len,
-                   max_media=model.cfg.max_media, p_next=args.p_next) for name in data if weights[name] > 0]
+                   max_media=cfg.max_media, p_next=args.p_next) for name in data if weights[name] > 0]
 
 
 def log(msg: str) -> None:
@@ -172,8 +198,10 @@ def gates(model: Flamingo) -> dict[str, list[float]]:
     return {"attn": values[0::2], "ffw": values[1::2]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
+    """`prepared`: prepare_data's result for this same argv (the demo's), or None: render and encode here."""
+    argv = sys.argv[1:] if argv is None else argv
+    args, overrides = parse_args(argv)
     cfg = FlamingoConfig.preset(args.preset).override(overrides)
     weights = parse_weights(args.weights)
     rank, world_size, device = distributed.setup_distributed(args.device)
@@ -190,8 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(cfg, run, args.vision, args.lm).to(device)
     if args.train_lm:
         model.lm.requires_grad_(True)  # still in eval mode (Flamingo.train): the tiny LM has no dropout
-    sampler = MixtureSampler(world_sources(model, tok, args, weights), seed=args.seed, rank=rank,
-                             world_size=world_size)  # encodes the world's media: before any sharding
+    if prepared is not None and prepared["argv"] == list(argv):
+        data = prepared["data"]
+    else:  # encodes the world's media: before any sharding
+        data = world_data(model.vision, cfg.vision.image_size, tok, args)
+    sampler = MixtureSampler(world_sources(data, cfg, args, weights), seed=args.seed, rank=rank,
+                             world_size=world_size)
     n = model.param_counts()
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fsdp = args.fsdp and world_size > 1

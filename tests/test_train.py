@@ -166,3 +166,31 @@ def test_resume_with_other_optimizer_groups_fails_clearly(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     r = train(tmp_path, "--steps", "2", "--seed", "0", "--gate-lr-mult", "20")  # a third param group
     assert r.returncode != 0 and "cannot resume" in r.stderr and "--gate-lr-mult" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_prepared_data_trains_exactly_as_main_own(tmp_path, monkeypatch):
+    """The demo renders and encodes while the LM still trains (prepare_data, 1 thread, the vision
+    checkpoint alone) and hands that to main: the run must end bit-identical to main encoding on its own
+    (2 threads, inside the Flamingo). Another command line must not use it."""
+    from miniflamingo import train as train_mod
+
+    states, real, threads = {}, train_mod.world_data, torch.get_num_threads()
+    for name in ("own", "prepared", "other"):
+        run = tmp_path / name
+        run.mkdir()
+        pretrained_stand_ins(run)
+        argv = ["--run", str(run), "--steps", "2", "--seed", "0", *SMALL]
+        prepared = None
+        if name != "own":
+            torch.set_num_threads(1)
+            prepared = train_mod.prepare_data(argv if name == "prepared" else [*argv, "--docs", "12"])
+        torch.set_num_threads(2)  # the step itself, unlike the encoder, may round otherwise on 1 thread
+        calls = []
+        monkeypatch.setattr(train_mod, "world_data", lambda *a, calls=calls: calls.append(1) or real(*a))
+        assert train_mod.main(argv, prepared=prepared) == 0
+        torch.set_num_threads(threads)
+        assert len(calls) == (0 if name == "prepared" else 1)  # used only for the very same command line
+        states[name] = trained_state(run)
+    assert_same(states["own"], states["prepared"])
+    assert_same(states["own"], states["other"])
