@@ -46,7 +46,7 @@ __all__ = ["World", "default_world", "main", "SHAPES", "NOVEL_SHAPES", "BLOB_SHA
 SPLITS = {"train": 0, "val": 1, "test": 2}
 STREAMS = {name: i for i, name in enumerate([  # one random stream per kind of item: never shared
     "pairs", "videos", "documents", "vision", "lm", "binding", "novel_binding", "ambiguous", "vqa",
-    "captions", "video_qa", "heldout_combos"])}
+    "captions", "video_qa", "heldout_combos", "size_twins"])}  # new streams go last
 
 
 class World:
@@ -219,6 +219,17 @@ class World:
 
     def vision_pairs(self, n: int, split: str = "train", seed: int = 0, p_blob: float = 0.5) -> list[dict]:
         return [self.vision_pair(i, split, seed, p_blob) for i in range(n)]
+
+    def size_twin(self, pair: dict, i: int, split: str = "train", seed: int = 0) -> dict:
+        """The same scene with one object's size flipped, captioned "full": a pair that only the size
+        word tells apart from `pair` (the contrastive stage's hard negatives for size)."""
+        rng = self.rng(split, "size_twins", seed, i)
+        objs = [dict(o) for o in pair["attrs"]["objects"]]
+        k = int(rng.integers(len(objs)))
+        objs[k]["size"] = "large" if objs[k]["size"] == "small" else "small"
+        objs[k]["radius"] = SIZES[objs[k]["size"]]
+        attrs = {**pair["attrs"], "objects": objs}
+        return {"image": self.render(attrs), "caption": wt.caption(attrs, "full"), "attrs": attrs}
 
     def documents(self, n: int, split: str = "train", seed: int = 0, families=None) -> list[dict]:
         return [self.document(i, split, seed, families) for i in range(n)]

@@ -329,3 +329,18 @@ def test_vision_encoder_used_by_the_contrastive_model_is_the_flamingo_one():
     model = C.ContrastiveModel(TINY, C.ContrastiveConfig())
     assert isinstance(model.vision, VisionEncoder)
     assert model.embed_images(torch.rand(3, 3, 64, 64)).norm(dim=-1).sub(1).abs().max() < 1e-5
+
+
+def test_batch_indices_bring_each_random_pick_with_its_size_twin():
+    """Partners (size twins) join the random rest of the batch, never the hard groups, which stay exactly
+    as without them; the batch keeps its size and holds each index once."""
+    n = 200
+    nb = [[i ^ 1] for i in range(n)]  # disjoint hard groups of 2: exactly 16 hard indices per batch
+    partners = {**{i: n // 2 + i for i in range(n // 2)}, **{n // 2 + i: i for i in range(n // 2)}}
+    for step in range(20):
+        plain = P.batch_indices(n, 32, 0, step, nb, 0.5, 2).tolist()
+        a = P.batch_indices(n, 32, 0, step, nb, 0.5, 2, partners).tolist()
+        assert len(a) == 32 and len(set(a)) == 32
+        assert a[:17] == plain[:17]  # the hard groups, then the first random pick
+        for i in a[16:-1]:
+            assert partners[i] in a, (step, i)  # every pick but perhaps the last brought its twin

@@ -328,3 +328,21 @@ def test_rendering_throughput():
     W.image_text_pairs(200)
     rate = 200 / (time.perf_counter() - t)
     print(f"world: {rate:.0f} images/s (image_text_pairs, one core)")  # no assert: timings are noisy here
+
+
+def test_size_twin_differs_in_one_size_only():
+    """A size twin (the contrastive stage's hard negative for size): the same scene with one object's size
+    flipped, so its caption differs in exactly that size word, its pixels differ, and it is reproducible."""
+    for i, pair in enumerate(W.vision_pairs(12, p_blob=0.0)):
+        twin = W.size_twin(pair, i)
+        a, b = pair["attrs"]["objects"], twin["attrs"]["objects"]
+        changed = [k for k, (x, y) in enumerate(zip(a, b)) if x != y]
+        assert len(a) == len(b) and len(changed) == 1
+        x, y = a[changed[0]], b[changed[0]]
+        assert {x["size"], y["size"]} == {"small", "large"} and {**x, "size": 0, "radius": 0} == {
+            **y, "size": 0, "radius": 0}
+        words = [(u, v) for u, v in zip(pair["caption"].split(), twin["caption"].split()) if u != v]
+        assert pair["caption"] == wt.caption(pair["attrs"], "full") and words in ([("small", "large")],
+                                                                                  [("large", "small")])
+        assert (pair["image"] != twin["image"]).any()
+        assert (W.size_twin(pair, i)["image"] == twin["image"]).all()
