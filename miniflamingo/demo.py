@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                   state_path)
         if lm_job is not None and lm_job[0].poll() is None and not done.get("train"):
             # The vision stage finished first (it is given the LM's time): render and encode Flamingo's
-            # training data on its core now, not after the LM (17 s off the demo's critical path).
+            # training data on its core now, not after the LM (Flamingo's stage 235 -> 211 s, seed 0).
             print("== while the LM trains: rendering and encoding Flamingo's training data", flush=True)
             prepared = train.prepare_data(train_argv[1:])
         finish_background("lm", lm_job, done, state_path)

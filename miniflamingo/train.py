@@ -91,7 +91,15 @@ def world_data(vision, image_size: int, tok, args) -> dict[str, DocumentDataset]
         "video_text": DocumentDataset.from_pairs(world.video_text_pairs(args.videos, seed=args.seed), tok),
     }  # split "train" (the default): held-out images, combinations and novel shapes never appear
     t1 = time.perf_counter()
-    data = {name: d.with_features(vision) for name, d in data.items()}  # encoder frozen: encode once
+    # Encoded on one thread: on 2 threads some batches came out a few ulps apart from 1 thread's (max
+    # 5e-7), and a run must not depend on how many threads encoded its data (the demo encodes on the one
+    # core the LM leaves free, a resumed run in this process).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = {name: d.with_features(vision) for name, d in data.items()}  # encoder frozen: encode once
+    finally:
+        torch.set_num_threads(threads)
     log(f"data: {args.docs} documents, {args.pairs} image-text pairs, {args.videos} videos rendered in "
         f"{t1 - t0:.1f} s, encoded by the frozen vision encoder in {time.perf_counter() - t1:.1f} s")
     return data
@@ -101,8 +109,8 @@ def prepare_data(argv: list[str]) -> dict:
     """world_data for a `train` command line, before stage 2 has finished: it needs only the vision
     checkpoint and the tokenizer. The demo calls it on the core that the vision stage frees while the LM
     still trains on the other, then passes it to main(argv, prepared=...), which uses it only for the very
-    same command line. The features are bit-identical to main's own (the encoder's output does not depend
-    on the thread count or the batch), so a run is the same either way."""
+    same command line. The features are bit-identical to main's own (both encode on one thread), so a run
+    is the same either way."""
     from miniflamingo.tokenizer import Tokenizer
     from miniflamingo.vision import VisionEncoder
 

@@ -170,9 +170,9 @@ def test_resume_with_other_optimizer_groups_fails_clearly(tmp_path):
 
 @pytest.mark.slow
 def test_prepared_data_trains_exactly_as_main_own(tmp_path, monkeypatch):
-    """The demo renders and encodes while the LM still trains (prepare_data, 1 thread, the vision
-    checkpoint alone) and hands that to main: the run must end bit-identical to main encoding on its own
-    (2 threads, inside the Flamingo). Another command line must not use it."""
+    """The demo renders and encodes while the LM still trains (prepare_data, the vision checkpoint alone)
+    and hands that to main: the run must end bit-identical to main encoding on its own (inside the
+    Flamingo, its step on 2 threads). Another command line must not use it."""
     from miniflamingo import train as train_mod
 
     states, real, threads = {}, train_mod.world_data, torch.get_num_threads()
