@@ -334,9 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                        k_shots=args.k, ensemble=args.ensemble, pool_size=max([64, *args.shots]),
                        log=lambda msg: print(msg, file=sys.stderr, flush=True))
     results["settings"]["seconds"] = round(time.perf_counter() - start, 1)
-    print(format_table(results))
-    if format_kinds(results):
-        print(format_kinds(results))
+    kinds = format_kinds(results)
+    print(format_table(results) + (f"\n{kinds}" if kinds else ""))
     out = Path(args.out) if args.out else Path(args.run) / "eval.json"
     write_json(results, out)
     print(f"wrote {out} ({results['settings']['seconds']}s)")

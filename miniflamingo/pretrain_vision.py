@@ -345,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = ap.parse_known_args(argv)
     if not args.steps and not args.seconds:
         ap.error("give --steps or --seconds")
+    if args.size_twins and args.data:
+        ap.error("--size-twins re-renders the synthetic world's scenes; a --data folder has none")
+    if not 0.0 <= args.size_twins <= 1.0:
+        ap.error(f"--size-twins is a share of the pairs, in [0, 1]; got {args.size_twins}")
     if args.threads:
         torch.set_num_threads(args.threads)
     bad = [a for a in extra if not a.startswith("--vision.")]

@@ -344,3 +344,17 @@ def test_batch_indices_bring_each_random_pick_with_its_size_twin():
         assert a[:17] == plain[:17]  # the hard groups, then the first random pick
         for i in a[16:-1]:
             assert partners[i] in a, (step, i)  # every pick but perhaps the last brought its twin
+
+
+def test_size_twins_on_the_world_and_errors(tmp_path, capsys):
+    """--size-twins adds a twin for that share of the world's pairs (and trains on them); a captions
+    folder has no scenes to re-render, and a share outside [0, 1] is refused."""
+    argv = ["--run", str(tmp_path / "w"), "--steps", "2", "--batch-size", "16", "--n-train", "40", "--n-eval",
+            "16", "--size-twins", "0.5", *OVERRIDES]
+    assert P.main(argv) == 0
+    assert "data: 60 training pairs" in capsys.readouterr().out
+    for extra, message in ((["--data", str(tmp_path)], "a --data folder has none"),
+                           (["--size-twins", "1.5"], "a share of the pairs, in [0, 1]; got 1.5")):
+        with pytest.raises(SystemExit):
+            P.main([*argv, *extra])
+        assert message in capsys.readouterr().err
