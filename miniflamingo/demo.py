@@ -176,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     run_stage("train", train.main, train_argv, done, state_path, prepared=prepared)
     del prepared  # free the training features before evaluation
     if done.get("eval"):  # the table of an earlier run, so a rerun always ends with it
-        results = json.loads((run / "eval.json").read_text())
-        print(evaluate.format_table(results), evaluate.format_kinds(results), sep="\n")
+        print(evaluate.format_results(json.loads((run / "eval.json").read_text())))
     run_stage("eval", evaluate.main, ["eval", "--run", str(run), *budget["eval"]], done, state_path)
     print(f"== demo finished in {time.perf_counter() - t0:.0f} s; everything is in {run}/", flush=True)
     return 0

@@ -237,6 +237,11 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def format_results(results: dict) -> str:
+    """The table, then the per-kind lines of the question-answering tasks (when eval.json has them)."""
+    return "\n".join(filter(None, [format_table(results), format_kinds(results)]))
+
+
 def format_kinds(results: dict) -> str:
     """One line per question-answering task and shot count: its accuracy per question kind, x100."""
     lines = []
@@ -334,8 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                        k_shots=args.k, ensemble=args.ensemble, pool_size=max([64, *args.shots]),
                        log=lambda msg: print(msg, file=sys.stderr, flush=True))
     results["settings"]["seconds"] = round(time.perf_counter() - start, 1)
-    kinds = format_kinds(results)
-    print(format_table(results) + (f"\n{kinds}" if kinds else ""))
+    print(format_results(results))
     out = Path(args.out) if args.out else Path(args.run) / "eval.json"
     write_json(results, out)
     print(f"wrote {out} ({results['settings']['seconds']}s)")

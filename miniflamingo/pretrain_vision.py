@@ -208,8 +208,8 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int, neighbours=None
     (seed 0, 550 steps on 40k pairs, then the demo's Flamingo, 100 episodes): with twins for half the
     pairs size questions 53% -> 81% and 5-way binding 96% -> 80%, as zero-shot shape fell 0.96 -> 0.75
     (for 15% of the pairs: 81%, 89%, 0.85): in this step budget size is learned at shape's expense, so the
-    demo leaves them off. Twins in the
-    hard groups (taking shape negatives' places): size 81-88%, 5-way binding 82-89%."""
+    demo leaves them off. Twins in the hard groups (taking shape negatives' places): size 81-88%, 5-way
+    binding 82-89%."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     perm = torch.randperm(n, generator=g).tolist()
     hard: dict[int, None] = {}  # insertion-ordered set: an index appears once (its caption is its positive)

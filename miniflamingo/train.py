@@ -92,8 +92,8 @@ def world_data(vision, image_size: int, tok, args) -> dict[str, DocumentDataset]
     }  # split "train" (the default): held-out images, combinations and novel shapes never appear
     t1 = time.perf_counter()
     # Encoded on one thread: on 2 threads some batches came out a few ulps apart from 1 thread's (max
-    # 5e-7), and a run must not depend on how many threads encoded its data (the demo encodes on the one
-    # core the LM leaves free, a resumed run in this process).
+    # 5e-7), and a run must not depend on who encoded its data (the demo, on the one core the LM leaves
+    # free; the train command, with all its threads).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
