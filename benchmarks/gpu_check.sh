@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 6, as one script for a short lease of a GPU machine (see README, Performance):
-# MFU of the Flamingo step at the small preset in bf16 over batch sizes, eager and compiled, then the
-# whole demo pipeline in its quick form on the GPU. Logs go to ${OUT:-runs/gpu_check}.
+# MFU of the Flamingo step at the small preset in bf16, eager at batch 256 and 512 and with each block
+# compiled (--compile regions) at 512, with device-time profiles of one step; then the whole demo pipeline
+# in its quick form on the GPU. About 8 minutes on a machine that has not compiled before.
+# Logs go to ${OUT:-runs/gpu_check}.
 set -u
 out=${OUT:-runs/gpu_check}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
-for b in 16 64 256; do
-  timeout $((b < 256 ? 90 : 120)) python3 benchmarks/train_throughput.py --preset small --batch-size "$b" --steps 8 --warmup 2 \
-    --threads 0 2>&1 | tee "$out/small_b$b.txt"
-done
-timeout 150 python3 benchmarks/train_throughput.py --preset small --batch-size 256 --steps 8 --warmup 3 \
-  --threads 0 --compile 2>&1 | tail -n 6 | tee "$out/small_b256_compiled.txt"
-timeout 100 python3 -m miniflamingo demo --quick --run "$out/demo_quick" 2>&1 | tail -n 40 | tee "$out/demo_quick.txt"
+bench() {  # name, timeout, arguments
+  local name=$1 limit=$2; shift 2
+  TORCH_LOGS=recompiles timeout "$limit" python3 benchmarks/train_throughput.py --preset small --threads 0 "$@" \
+    > "$out/$name.txt" 2>&1
+  echo "-- $name (rc $?)"; grep -E "^(== |params|step |tokens/s|device time)" "$out/$name.txt"
+}
+bench eager_b256 100 --batch-size 256 --steps 8 --warmup 2
+bench eager_b512 100 --batch-size 512 --steps 6 --warmup 2 --profile
+# A cold machine compiled the blocks for more than 120 s (second lease, 2026-11-27): room for it.
+bench regions_b512 220 --batch-size 512 --steps 6 --warmup 3 --compile regions --profile
+timeout 100 python3 -m miniflamingo demo --quick --run "$out/demo_quick" > "$out/demo_quick.txt" 2>&1
+echo "-- demo --quick (rc $?)"; tail -n 25 "$out/demo_quick.txt"
 rm -rf "$out/demo_quick"

@@ -34,6 +34,7 @@ Shapes: B batch, L text length, T media slots, F frames, S grid cells, Dv featur
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -51,7 +52,7 @@ from miniflamingo.data import DocumentDataset, MixtureSampler, Source  # noqa: E
 from miniflamingo.flamingo import Flamingo  # noqa: E402
 from miniflamingo.tokenizer import Tokenizer  # noqa: E402
 from miniflamingo.train import DEFAULT_WEIGHTS  # noqa: E402
-from miniflamingo.trainutil import configure_optimizer  # noqa: E402
+from miniflamingo.trainutil import avoid_cudnn_attention, compile_regions, configure_optimizer  # noqa: E402
 from miniflamingo.world import World  # noqa: E402
 
 DEFAULT_STEPS = {"tiny": 10, "small": 3}  # small is slow on a CPU: keep the whole run under ~3 minutes
@@ -235,8 +236,10 @@ def bench(preset: str, args, device: torch.device) -> dict:
     model, sampler = build(preset, batch, device)
     setup = time.perf_counter() - t0
     meta_model = copy.deepcopy(model).to("meta")
-    if args.compile:
+    if args.compile == "model":
         model = torch.compile(model, dynamic=True)  # row lengths change from step to step
+    elif args.compile == "regions":
+        compile_regions(model)  # each block in place; the host logic between blocks stays eager
     opt = configure_optimizer(model, lr=1e-4, weight_decay=0.1,
                               no_decay=("resampler", "latents", "temporal", "special_embeddings"))
     model.train()
@@ -276,8 +279,8 @@ def bench(preset: str, args, device: torch.device) -> dict:
 
 
 def report(r: dict) -> None:
-    s = r["step"]
-    print(f"\n== {r['preset']} on {r['device']} ({r['dtype']}{', compiled' if r['compiled'] else ''}, "
+    s, compiled = r["step"], f", compiled: {r['compiled']}" if r["compiled"] else ""
+    print(f"\n== {r['preset']} on {r['device']} ({r['dtype']}{compiled}, "
           f"{r['threads']} threads), batch {r['batch']} "
           f"(pairs {r['batch']}, videos {max(1, r['batch'] // 2)}), median of {r['steps']} steps; "
           f"setup {r['setup_s']:.1f} s")
@@ -310,7 +313,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="auto: bf16 autocast on GPU, fp32 on CPU")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--profile", action="store_true", help="print the top ops of one more step")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
+    ap.add_argument("--compile", nargs="?", const="model", choices=["model", "regions"], default=None,
+                    help="torch.compile the whole model (dynamic shapes), or 'regions': each LM block, xattn "
+                         "layer and resampler layer (trainutil.compile_regions)")
+    ap.add_argument("--sdpa", default=None,
+                    help="the SDPA backends allowed, comma-separated, from flash_attention, "
+                         "efficient_attention, math, cudnn_attention (default: train.py's: all but cuDNN's "
+                         "on a GPU, trainutil.avoid_cudnn_attention)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -318,8 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"load average {load}")
-    for preset in args.preset:
-        report(bench(preset, args, device))
+    if args.sdpa:  # exactly these backends
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        allowed = sdpa_kernel([getattr(SDPBackend, b.strip().upper()) for b in args.sdpa.split(",")])
+    else:  # what train.py does
+        avoid_cudnn_attention(device)
+        allowed = contextlib.nullcontext()
+    with allowed:
+        for preset in args.preset:
+            report(bench(preset, args, device))
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 

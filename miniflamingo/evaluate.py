@@ -37,7 +37,7 @@ from miniflamingo.config import FlamingoConfig
 from miniflamingo.flamingo import Flamingo
 from miniflamingo.metrics import cider_d, vqa_accuracy
 from miniflamingo.tokenizer import Tokenizer
-from miniflamingo.trainutil import CheckpointError, load_checkpoint
+from miniflamingo.trainutil import CheckpointError, avoid_cudnn_attention, load_checkpoint
 
 # ----------------------------------------------------------------------------- the tasks
 
@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval: {e}", file=sys.stderr)
         return 1
     model.to(args.device)
+    avoid_cudnn_attention(torch.device(args.device))
     tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
     world = World(seed=args.world_seed, image_size=cfg.vision.image_size)
     start = time.perf_counter()

@@ -40,6 +40,7 @@ from miniflamingo.lm import GPT
 from miniflamingo.trainutil import (
     JsonlLogger,
     Progress,
+    avoid_cudnn_attention,
     configure_optimizer,
     get_lr,
     load_checkpoint,
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"pretrain-lm: --seq-len {args.seq_len} exceeds lm.context_length="
                          f"{cfg.context_length}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    avoid_cudnn_attention(device)
     dtype = auto_dtype(cfg, device) if args.dtype == "auto" else args.dtype
     seed_everything(args.seed)
     if args.threads:

@@ -35,7 +35,7 @@ from PIL import Image
 from miniflamingo.agc import adaptive_grad_clip
 from miniflamingo.config import FlamingoConfig
 from miniflamingo.contrastive import ContrastiveConfig, ContrastiveModel
-from miniflamingo.trainutil import load_checkpoint, save_checkpoint
+from miniflamingo.trainutil import avoid_cudnn_attention, load_checkpoint, save_checkpoint
 
 # ----------------------------------------------------------------------------- data
 
@@ -376,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    avoid_cudnn_attention(device)  # the text tower's attention (contrastive.py)
     model = ContrastiveModel(vision_cfg, cfg).to(device)  # initialised on the CPU: the same on any device
     images, ids, mask = images.to(device), ids.to(device), mask.to(device)  # uint8 images: 4x smaller
     opt = make_optimizer(model, args.lr, args.weight_decay)

@@ -44,6 +44,8 @@ from miniflamingo.pretrain_lm import auto_dtype
 from miniflamingo.trainutil import (
     JsonlLogger,
     Progress,
+    avoid_cudnn_attention,
+    compile_regions,
     configure_optimizer,
     get_lr,
     load_checkpoint,
@@ -181,6 +183,9 @@ def parse_args(argv):
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="auto",
                     help="bf16 autocast; auto: the LM's measured rule (bf16 on GPUs, on CPU from width 256)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile each LM block, xattn layer and resampler layer (trainutil."
+                         "compile_regions); pays on a GPU (README, Performance), costs compile time on a CPU")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--world-seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=20)
@@ -213,6 +218,7 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
     cfg = FlamingoConfig.preset(args.preset).override(overrides)
     weights = parse_weights(args.weights)
     rank, world_size, device = distributed.setup_distributed(args.device)
+    avoid_cudnn_attention(device)
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
@@ -226,6 +232,8 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
     model = build_model(cfg, run, args.vision, args.lm).to(device)
     if args.train_lm:
         model.lm.requires_grad_(True)  # still in eval mode (Flamingo.train): the tiny LM has no dropout
+    if args.compile:
+        compile_regions(model)  # in place: parameter names and checkpoints stay those of the eager model
     if prepared is not None and prepared["argv"] == list(argv):
         data = prepared["data"]
     else:  # encodes the world's media: before any sharding

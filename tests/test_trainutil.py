@@ -159,3 +159,19 @@ def test_seed_everything_repeats():
     a = torch.rand(3)
     seed_everything(3)
     assert torch.equal(a, torch.rand(3))
+
+
+def test_avoid_cudnn_attention_switches_only_on_a_gpu():
+    """SDPA's cuDNN kernel cost 1.8 ms of host time per call on an H200 (issue 6): off for CUDA devices,
+    untouched on a CPU. The switch is a process-wide flag; restored after the test."""
+    from miniflamingo.trainutil import avoid_cudnn_attention
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        avoid_cudnn_attention(torch.device("cpu"))
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        avoid_cudnn_attention(torch.device("cuda"))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
