@@ -88,7 +88,8 @@ def world_data(vision, image_size: int, tok, args) -> dict[str, DocumentDataset]
     world = World(seed=args.world_seed, image_size=image_size)
     t0 = time.perf_counter()
     data = {
-        "interleaved": DocumentDataset.from_documents(world.documents(args.docs, seed=args.seed), tok),
+        "interleaved": DocumentDataset.from_documents(
+            world.documents(args.docs, seed=args.seed, families=parse_families(args.families)), tok),
         "image_text": DocumentDataset.from_pairs(world.image_text_pairs(args.pairs, seed=args.seed), tok),
         "video_text": DocumentDataset.from_pairs(world.video_text_pairs(args.videos, seed=args.seed), tok),
     }  # split "train" (the default): held-out images, combinations and novel shapes never appear
@@ -163,6 +164,9 @@ def parse_args(argv):
     ap.add_argument("--weights", default=None,
                     help="lambda per dataset, e.g. interleaved=1,image_text=0.2,video_text=0.2 (0 drops one)")
     ap.add_argument("--docs", type=int, default=3000, help="interleaved documents drawn from the world")
+    ap.add_argument("--families", default=None,
+                    help="interleaved documents' family weights, e.g. binding=0.5,questions=0.2 (the others "
+                         "keep world_docs.FAMILIES' weights; 0 drops one)")
     ap.add_argument("--pairs", type=int, default=2000, help="image-text pairs drawn from the world")
     ap.add_argument("--videos", type=int, default=600, help="video-text pairs drawn from the world")
     ap.add_argument("--seq-len", type=int, default=256, help="paper A.3: 256-token subsequences")
@@ -203,6 +207,26 @@ def parse_weights(text: str | None) -> dict[str, float]:
             raise SystemExit(f"train: --weights names {name.strip()!r}; datasets are {sorted(weights)}")
         weights[name.strip()] = float(value)
     return weights
+
+
+def parse_families(text: str | None) -> dict[str, float] | None:
+    """--families: world_docs.FAMILIES with the named weights changed; None when not given."""
+    from miniflamingo.world_docs import FAMILIES
+
+    if not text:
+        return None
+    families = dict(FAMILIES)
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() not in families:
+            raise SystemExit(f"train: --families names {name.strip()!r}; families are {list(families)}")
+        try:
+            families[name.strip()] = float(value)
+        except ValueError:
+            raise SystemExit(f"train: --families {item!r}: expected name=weight") from None
+    if any(w < 0 for w in families.values()) or not any(families.values()):
+        raise SystemExit(f"train: --families weights must be >= 0 and not all 0, got {families}")
+    return families
 
 
 def gates(model: Flamingo) -> dict[str, list[float]]:

@@ -35,3 +35,23 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     again = demo(tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("done in an earlier run") == 4, again.stdout
+
+
+def test_demo_seeds_summarises_runs_and_names_a_missing_eval(tmp_path, capsys):
+    """benchmarks/demo_seeds.py: mean and range per cell over runs, cells missing everywhere skipped."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "demo_seeds", Path(__file__).resolve().parent.parent / "benchmarks" / "demo_seeds.py")
+    demo_seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo_seeds)
+    for name, acc, blind in (("a", 0.5, 0.2), ("b", 0.7, 0.3)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps({"tasks": {"vqa": {
+            "metric": "VQA acc.", "shots": {"0": acc, "16": None}, "blind": {"0": blind, "16": None}}}}))
+    assert demo_seeds.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("vqa")]
+    assert rows == [["vqa", "0", "60.0", "50.0-70.0", "25.0"]]
+    with pytest.raises(SystemExit, match="no eval.json"):
+        demo_seeds.main([str(tmp_path)])

@@ -194,3 +194,18 @@ def test_prepared_data_trains_exactly_as_main_own(tmp_path, monkeypatch):
         states[name] = trained_state(run)
     assert_same(states["own"], states["prepared"])
     assert_same(states["own"], states["other"])
+
+
+def test_families_option_changes_only_the_named_weights_and_names_bad_input():
+    from miniflamingo.train import parse_families
+    from miniflamingo.world_docs import FAMILIES
+
+    assert parse_families(None) is None
+    got = parse_families("questions=0.3,video=0")
+    assert got == {**FAMILIES, "questions": 0.3, "video": 0.0}
+    with pytest.raises(SystemExit, match="'qa'.*families are"):
+        parse_families("qa=0.3")
+    with pytest.raises(SystemExit, match="expected name=weight"):
+        parse_families("questions")
+    with pytest.raises(SystemExit, match=">= 0"):
+        parse_families("questions=-1")
