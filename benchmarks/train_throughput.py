@@ -330,7 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.sdpa:  # exactly these backends
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        allowed = sdpa_kernel([getattr(SDPBackend, b.strip().upper()) for b in args.sdpa.split(",")])
+        names = [b.strip().upper() for b in args.sdpa.split(",")]
+        unknown = [b for b in names if b not in SDPBackend.__members__ or b == "ERROR"]
+        if unknown:
+            ap.error(f"--sdpa: unknown backend(s) {unknown}; choose from flash_attention, "
+                     f"efficient_attention, math, cudnn_attention")
+        allowed = sdpa_kernel([getattr(SDPBackend, b) for b in names])
     else:  # what train.py does
         avoid_cudnn_attention(device)
         allowed = contextlib.nullcontext()

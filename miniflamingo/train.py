@@ -89,7 +89,7 @@ def world_data(vision, image_size: int, tok, args) -> dict[str, DocumentDataset]
     t0 = time.perf_counter()
     data = {
         "interleaved": DocumentDataset.from_documents(
-            world.documents(args.docs, seed=args.seed, families=parse_families(args.families)), tok),
+            world.documents(args.docs, seed=args.seed, families=args.family_weights), tok),
         "image_text": DocumentDataset.from_pairs(world.image_text_pairs(args.pairs, seed=args.seed), tok),
         "video_text": DocumentDataset.from_pairs(world.video_text_pairs(args.videos, seed=args.seed), tok),
     }  # split "train" (the default): held-out images, combinations and novel shapes never appear
@@ -195,19 +195,31 @@ def parse_args(argv):
     ap.add_argument("--world-seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--save-every", type=int, default=100)
-    return ap.parse_known_args(argv)
+    args, overrides = ap.parse_known_args(argv)
+    args.family_weights = parse_families(args.families)  # parsed once; a bad one fails before any work
+    return args, overrides
 
 
-def parse_weights(text: str | None) -> dict[str, float]:
-    weights = dict(DEFAULT_WEIGHTS)
+def parse_named_weights(text: str | None, defaults: dict[str, float], option: str, kind: str
+                        ) -> dict[str, float]:
+    """`name=w,name=w` over the defaults: the named weights changed, the others kept."""
+    weights = dict(defaults)
     for item in (text or "").split(","):
         if not item.strip():
             continue
         name, _, value = item.partition("=")
         if name.strip() not in weights:
-            raise SystemExit(f"train: --weights names {name.strip()!r}; datasets are {sorted(weights)}")
-        weights[name.strip()] = float(value)
+            raise SystemExit(f"train: {option} names {name.strip()!r}; {kind} are {sorted(weights)}")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise SystemExit(f"train: {option} {item!r}: expected name=weight") from None
     return weights
+
+
+def parse_weights(text: str | None) -> dict[str, float]:
+    """--weights: the lambda of each dataset (paper 2.4), DEFAULT_WEIGHTS where not named."""
+    return parse_named_weights(text, DEFAULT_WEIGHTS, "--weights", "datasets")
 
 
 def parse_families(text: str | None) -> dict[str, float] | None:
@@ -216,15 +228,7 @@ def parse_families(text: str | None) -> dict[str, float] | None:
 
     if not text:
         return None
-    families = dict(FAMILIES)
-    for item in text.split(","):
-        name, _, value = item.partition("=")
-        if name.strip() not in families:
-            raise SystemExit(f"train: --families names {name.strip()!r}; families are {list(families)}")
-        try:
-            families[name.strip()] = float(value)
-        except ValueError:
-            raise SystemExit(f"train: --families {item!r}: expected name=weight") from None
+    families = parse_named_weights(text, FAMILIES, "--families", "families")
     if any(w < 0 for w in families.values()) or not any(families.values()):
         raise SystemExit(f"train: --families weights must be >= 0 and not all 0, got {families}")
     return families
@@ -242,7 +246,6 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
     args, overrides = parse_args(argv)
     cfg = FlamingoConfig.preset(args.preset).override(overrides)
     weights = parse_weights(args.weights)
-    parse_families(args.families)  # a bad --families fails now, not after the parts have loaded
     rank, world_size, device = distributed.setup_distributed(args.device)
     avoid_cudnn_attention(device)
     if args.threads:
