@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import miniflamingo as mf
-from miniflamingo.resampler import PerceiverResampler
+from miniflamingo.resampler import PerceiverResampler, squared_relu
 
 CFG = mf.ResamplerConfig(n_layer=2, n_head=2, d_head=8, d_model=16, num_latents=3, max_frames=4)
 D_MEDIA = 12
@@ -61,6 +61,20 @@ def test_matches_reference_and_ignores_cell_order(B, T, n_frames, S):
     # no spatial position encoding: shuffling each frame's S cells (its own permutation) changes nothing
     perm = torch.stack([torch.randperm(S) for _ in range(B * T * n_frames)]).view(B, T, n_frames, S, 1)
     torch.testing.assert_close(m(x.gather(3, perm.expand_as(x))), y, atol=1e-5, rtol=1e-5)
+
+
+def test_squared_relu_matches_autograd_of_relu_squared():
+    # The hand-written backward against autograd's relu().square(), including inputs at exactly 0, and
+    # torch's numerical gradient check in float64.
+    x = torch.cat([torch.randn(200, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)])
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn_like(x)
+    ya, yb = squared_relu(a), F.relu(b).square()
+    torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(a.grad, b.grad)
+    assert torch.autograd.gradcheck(squared_relu, (torch.randn(30, dtype=torch.float64, requires_grad=True),))
 
 
 def test_frame_order_matters():
