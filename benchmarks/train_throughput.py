@@ -162,37 +162,42 @@ def build(preset: str, batch_size: int, device: torch.device, seed: int = 0):
     return model, MixtureSampler(sources, seed=seed)
 
 
-def train_step(model, opt, sampler, step: int, device: torch.device, autocast) -> tuple[dict, int, list]:
-    """train.py's loop body (one process). Returns seconds per phase, tokens, and the batches."""
+def train_step(model, opt, sampler, step: int, device: torch.device, autocast,
+               overlap: bool = False) -> tuple[dict, int, list]:
+    """train.py's loop body (one process). Returns seconds per phase, tokens, and the batches.
+    overlap: wait for the device only at the end of the step, as train.py does, so the host queues work
+    ahead; the phases then time the host's side only."""
     times = dict.fromkeys(("data", "forward", "backward", "optimizer"), 0.0)
     clock = time.perf_counter()
 
     def lap(phase):
         nonlocal clock
-        sync(device)
+        if not overlap or phase == "optimizer":
+            sync(device)
         now = time.perf_counter()
         times[phase] += now - clock
         clock = now
 
     opt.zero_grad(set_to_none=True)
-    batches, tokens = sampler.batch(step), 0  # paper 2.4: one batch per dataset, then one update
+    batches, tokens, losses = sampler.batch(step), 0, []  # paper 2.4: one batch per dataset, then one update
     lap("data")
     for b in batches:
         x, y = b.input_ids.to(device), b.targets.to(device)
         feats = None if b.media is None else b.media.to(device)
         frames = b.frames  # on the host, as train.py keeps them: the resampler reads the counts
-        n_tokens = (y != -100).sum()
         lap("data")
-        if n_tokens == 0:
+        if not (b.targets != -100).any():  # host targets: no device read, as in train.py
             continue
         with autocast():
-            _, loss = model(x, vision_features=feats, targets=y, media_frames=frames, return_logits=False)
-        if not torch.isfinite(loss):  # train.py checks each loss too (one host sync, as there)
-            raise SystemExit(f"loss is {loss.item()} at step {step} on {b.name!r}")
+            _, loss = model(x, vision_features=feats, targets=y, media_frames=frames, return_logits=False,
+                            media_checked=True)
         lap("forward")
         (b.weight * loss).backward()
+        losses.append(loss.detach())
         tokens += x.numel()
         lap("backward")
+    if not torch.isfinite(torch.stack(losses)).all():  # train.py reads the losses once a step, here
+        raise SystemExit(f"a loss is not finite at step {step}: {torch.stack(losses).tolist()}")
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     opt.step()
     lap("optimizer")
@@ -246,7 +251,7 @@ def bench(preset: str, args, device: torch.device) -> dict:
     peaks, n_peak = matmul_peak(device, dtype)  # before and after the steps: the machine's speed drifts
     rows = []
     for step in range(args.warmup + steps):
-        times, tokens, batches = train_step(model, opt, sampler, step, device, autocast)
+        times, tokens, batches = train_step(model, opt, sampler, step, device, autocast, args.overlap)
         if step >= args.warmup:
             flops, resampler = count_flops(meta_model, batches, autocast)
             media = [b.frames for b in batches if b.frames is not None]  # (B, T) real frames per slot
@@ -266,6 +271,7 @@ def bench(preset: str, args, device: torch.device) -> dict:
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return dict(
         preset=preset, device=str(device), compiled=args.compile, dtype="bf16" if bf16 else "fp32",
+        overlap=args.overlap,
         threads=torch.get_num_threads(),
         batch=batch, steps=steps, setup_s=setup, params_total=sum(p.numel() for p in model.parameters()),
         params_trained=trained, tokens_per_step=statistics.median(r["tokens"] for r in rows),
@@ -290,8 +296,9 @@ def report(r: dict) -> None:
           f"{100 * r['resampler'] / r['flops_per_step']:.0f}% "
           f"(it runs the {r['frames_real']:.0f} real frames of the batches' {r['frames_run']:.0f} "
           f"slots x frames)")
+    overlap = "; --overlap: host time per phase, the wait for the device in optimizer" if r["overlap"] else ""
     print(f"step {1e3 * s['total']:.0f} ms = data {1e3 * s['data']:.0f} + forward {1e3 * s['forward']:.0f} + "
-          f"backward {1e3 * s['backward']:.0f} + optimizer {1e3 * s['optimizer']:.0f} ms (medians)")
+          f"backward {1e3 * s['backward']:.0f} + optimizer {1e3 * s['optimizer']:.0f} ms (medians{overlap})")
     print(f"tokens/s {r['tokens_per_s']:.0f}; achieved {r['achieved'] / 1e9:.2f} GFLOP/s; "
           f"peak ({r['dtype']} {r['peak_n']}^3 matmul, median of 10) {r['peak'] / 1e9:.1f} "
           f"GFLOP/s (range {r['peak_range'][0] / 1e9:.0f}-{r['peak_range'][1] / 1e9:.0f}); "
@@ -313,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="auto: bf16 autocast on GPU, fp32 on CPU")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--profile", action="store_true", help="print the top ops of one more step")
+    ap.add_argument("--overlap", action="store_true",
+                    help="GPU: wait for the device once a step, as train.py does, not after each phase; the "
+                         "phase times are then the host's")
     ap.add_argument("--compile", nargs="?", const="model", choices=["model", "regions"], default=None,
                     help="torch.compile the whole model (dynamic shapes), or 'regions': each LM block, xattn "
                          "layer and resampler layer (trainutil.compile_regions)")

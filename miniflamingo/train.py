@@ -324,28 +324,35 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         opt.zero_grad(set_to_none=True)
         losses, tokens = {}, 0
+        # No reads of device values inside this loop: on a GPU each one makes the host wait until the
+        # device has caught up, instead of queueing the next kernels and assembling the next batch (issue
+        # 6). Token counts come from the host's targets; the losses are read once, after the loop.
         for b in sampler.batch(step):  # paper 2.4: accumulate over all datasets, then one update
             x, y = b.input_ids.to(device), b.targets.to(device)
             feats = None if b.media is None else b.media.to(device)
             frames = b.frames  # stays on the host: the resampler groups media by these counts (no sync)
-            n_local = (y != -100).sum()
-            n_global = distributed.global_count(n_local, world_size)
+            n_local = int((b.targets != -100).sum())
+            n_global = n_local if world_size == 1 else int(
+                distributed.global_count(torch.tensor(n_local, device=device), world_size))
             if n_global == 0:
                 continue  # nothing to predict in this batch (no text after an <image>)
             with autocast:
                 _, loss = ddp(x, vision_features=feats, targets=y, media_frames=frames,
-                              return_logits=False)
+                              return_logits=False, media_checked=True)  # collate checked the media
             if n_local == 0:
                 loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0  # keep DDP in step
-            summed = distributed.global_count(loss.detach() * n_local, world_size)
-            losses[b.name] = summed.item() / n_global.item()
-            if not math.isfinite(losses[b.name]):
-                raise SystemExit(f"train: loss is {losses[b.name]} at step {step + 1} on the {b.name!r} "
-                                 f"batch; last good checkpoint: {last_good or 'none'}")
+            losses[b.name] = distributed.global_count(loss.detach() * n_local, world_size) / n_global
             # mean over this rank's tokens -> sum / global tokens, times world_size because DDP (and FSDP's
             # reduce-scatter) averages gradients over ranks
             (b.weight * loss * n_local * world_size / n_global).backward()
             tokens += x.numel()
+        # One read for the step, before the update: a NaN or inf loss stops the run with its parameters
+        # as they were, naming the first batch that had it.
+        losses = dict(zip(losses, torch.stack(list(losses.values())).tolist())) if losses else {}
+        for name, value in losses.items():
+            if not math.isfinite(value):
+                raise SystemExit(f"train: loss is {value} at step {step + 1} on the {name!r} batch; last "
+                                 f"good checkpoint: {last_good or 'none'}")
         grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.requires_grad], args.grad_clip))
         opt.step()

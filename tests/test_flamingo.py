@@ -249,6 +249,11 @@ def test_too_many_images_and_bad_shapes_are_named():
         m(torch.tensor([[img, 1, img, 2, img]]), media)
     with pytest.raises(ValueError, match="1 <image> tokens but there are only 0 media slots"):
         m(torch.tensor([[img, 1]]))
+    # media_checked=True (the caller's data.collate checked on the host): no device read, same result
+    ok = torch.tensor([[img, 1, img, 2]]), media
+    torch.testing.assert_close(m(*ok, media_checked=True)[0], m(*ok)[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="<image> tokens and 2 media for 2 slots"):  # collate's own check
+        collate([([img, 1, img, 2, img, 3], [torch.rand(IMAGE_SIZE, IMAGE_SIZE, 3)] * 2)], m.cfg, max_media=2)
     with pytest.raises(ValueError, match=r"expected media \(B, T, F, C=3, H, W\)"):
         m(torch.tensor([[img, 1]]), media[:, 0])
     with pytest.raises(ValueError, match="context_length=48"):
