@@ -196,7 +196,7 @@ def train_step(model, opt, sampler, step: int, device: torch.device, autocast,
         losses.append(loss.detach())
         tokens += x.numel()
         lap("backward")
-    if not torch.isfinite(torch.stack(losses)).all():  # train.py reads the losses once a step, here
+    if losses and not torch.isfinite(torch.stack(losses)).all():  # train.py reads the losses once a step
         raise SystemExit(f"a loss is not finite at step {step}: {torch.stack(losses).tolist()}")
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     opt.step()
