@@ -17,7 +17,9 @@ Notable features
   frozen weights); attention and the LM head included (on the meta device SDPA runs as counted bmm's).
   Not counted: elementwise ops, norms, softmax, AdamW. The frozen vision encoder does not run in the step.
   Padding is counted as run: rows padded to the longest of their batch and xattn's grouped chunks. The
-  resampler runs real frames only (it groups media by frame count; the frames stay on the host, so the
+  cross-attention is counted as grouped (L x R per row) also where the step runs one masked call over all
+  T*R keys of a row (`xattn.MASKED_MAX_KEYS`: faster for few keys, T times the work, the rest masked out).
+  The resampler runs real frames only (it groups media by frame count; the frames stay on the host, so the
   meta copy groups exactly as the real step does).
 - MFU = counted FLOPs per second / this machine's matmul peak measured in the same run: a square matmul
   (2048 on a CPU, 8192 on a GPU), median of 5 repeats just before and 5 just after the preset's steps
@@ -47,6 +49,7 @@ from torch.utils import flop_counter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from miniflamingo import xattn  # noqa: E402
 from miniflamingo.config import FlamingoConfig  # noqa: E402
 from miniflamingo.data import DocumentDataset, MixtureSampler, Source  # noqa: E402
 from miniflamingo.flamingo import Flamingo  # noqa: E402
@@ -106,6 +109,17 @@ for _name, _fn in (("_scaled_dot_product_flash_attention_for_cpu", _cpu_flash),
 def count_flops(meta_model: Flamingo, batches, autocast) -> tuple[int, int]:
     """FLOPs of forward + backward of one step's batches: all, and the resampler's part of them. (The
     counter's per-module split is no use here: the xattn layers run inside the LM, through its hook.)"""
+    # Model FLOPs: each token attends to its own media's R keys (L x R). For few keys the real step runs
+    # one masked call over all T*R keys of a row instead (xattn.MASKED_MAX_KEYS), T times that work, all
+    # of it on keys it then masks out: not counted, so the meta copy runs the grouped attention.
+    saved, xattn.MASKED_MAX_KEYS = xattn.MASKED_MAX_KEYS, 0
+    try:
+        return _count_flops(meta_model, batches, autocast)
+    finally:
+        xattn.MASKED_MAX_KEYS = saved
+
+
+def _count_flops(meta_model: Flamingo, batches, autocast) -> tuple[int, int]:
     total = flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
     with total:  # entering a FlopCounterMode resets it: one block for the whole step
         for b in batches:

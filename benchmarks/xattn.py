@@ -5,6 +5,7 @@ the other way to get L x R: gathering each token's own keys and values.
 
     python benchmarks/xattn.py                    # the `small` preset's widths, 1 thread
     python benchmarks/xattn.py --preset tiny --repeats 5
+    python benchmarks/xattn.py --keys             # grouped vs one masked call, by keys per row (issue 6)
 
 Two shapes:
 - train:  resampler + one xattn layer, forward and backward; 5 media per row, 256 tokens (paper: 256-token
@@ -12,6 +13,9 @@ Two shapes:
 - eval32: one xattn layer, forward only, on media already resampled (at evaluation the media are resampled
           once and then cross-attended at every layer); 32 media, 2048 tokens. Target: >= 3x faster and
           under 1/3 of the baseline's peak memory.
+--keys times `attend_own_media` against `attend_own_media_masked` (one SDPA call over all T*R keys of a row,
+masked to each token's media: L x T*R work) alone, forward and backward, at a training batch's shape with
+T = 2 .. 32 media: where the masked call stops being faster is `xattn.MASKED_MAX_KEYS`.
 All variants share the same layer and weights (only `layer.attn.attend` is swapped) and are checked to
 agree before timing. Time: median over --repeats, the variants taking turns, so machine noise hits all
 alike. Peak memory: bytes of tensor storage live at once during one call, above what existed before it,
@@ -35,8 +39,12 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import miniflamingo as mf  # noqa: E402
+from miniflamingo import xattn  # noqa: E402
 from miniflamingo.resampler import PerceiverResampler  # noqa: E402
-from miniflamingo.xattn import GatedXAttnDense, attend_own_media, compute_phi  # noqa: E402
+from miniflamingo.xattn import GatedXAttnDense, attend_own_media, attend_own_media_masked, compute_phi  # noqa: E402
+
+# Each variant runs as named: the layer must not swap the grouped one for the masked one.
+MASKED_DEFAULT, xattn.MASKED_MAX_KEYS = xattn.MASKED_MAX_KEYS, 0
 
 # ----------------------------------------------------------------------------- the two other designs
 
@@ -69,7 +77,8 @@ def gather_attention(q, k, v, phi):
 
 
 OURS, BASE = "ours (grouped)", "einsum baseline"
-VARIANTS = {OURS: attend_own_media, "gather": gather_attention, BASE: einsum_attention}
+VARIANTS = {OURS: attend_own_media, "masked": attend_own_media_masked, "gather": gather_attention,
+            BASE: einsum_attention}
 
 # ----------------------------------------------------------------------------- measuring
 
@@ -187,15 +196,50 @@ def check_agreement(cases: dict) -> None:
                 torch.testing.assert_close(out, outs[BASE], atol=1e-4, rtol=1e-4, msg=lambda m, v=v: v + m)
 
 
+def keys_sweep(cfg, repeats: int, B: int = 16, per_media: int = 15) -> None:
+    """Grouped vs masked attention alone, fwd + bwd, by media per row (per_media tokens each, as in the
+    tiny training batch: 8 media in 118 tokens): where does one masked call stop paying?"""
+    nh, hs, R = cfg.xattn.n_head, cfg.xattn.d_head, cfg.resampler.num_latents
+    print(f"attention alone, fwd + bwd: {nh} heads of {hs}, R={R}, B={B}, L={per_media} tokens per media; "
+          f"median of {repeats}")
+    print(f"{'media T':>7} {'keys T*R':>8} {'grouped ms':>10} {'masked ms':>9} {'grouped/masked':>14}")
+    for T in (1, 2, 4, 8, 16, 32):
+        Lt = per_media * T + 4  # make_ids puts a 4-token prefix before the first image
+        phi = compute_phi(make_ids(B, Lt, T, cfg), cfg.image_id)
+        q = torch.randn(B, Lt, nh, hs, requires_grad=True)
+        k, v = (torch.randn(B, T, nh, R, hs, requires_grad=True) for _ in range(2))
+        w = torch.randn(B, Lt, nh * hs)
+
+        def run(attend, q=q, k=k, v=v, phi=phi, w=w):
+            def go():
+                for t in (q, k, v):
+                    t.grad = None
+                (attend(q, k, v, phi) * w).sum().backward()
+            return go
+
+        case = {"grouped": run(attend_own_media), "masked": run(attend_own_media_masked)}
+        torch.testing.assert_close(attend_own_media(q, k, v, phi), attend_own_media_masked(q, k, v, phi),
+                                   atol=1e-5, rtol=1e-5)
+        res = bench({T: case}, repeats)[T]
+        g, m = res["grouped"][0], res["masked"][0]
+        print(f"{T:>7} {T * R:>8} {1e3 * g:>10.2f} {1e3 * m:>9.2f} {g / m:>13.2f}x")
+    print(f"xattn.MASKED_MAX_KEYS in the code: {MASKED_DEFAULT} (masked up to there)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="small", help="widths to use (default small)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier timings)")
     ap.add_argument("--batch", type=int, default=4, help="rows for the training shape")
+    ap.add_argument("--keys", action="store_true", help="only the grouped vs masked sweep over media counts")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = mf.FlamingoConfig.preset(args.preset)
+    if args.keys:
+        for preset in ("tiny", "small"):
+            keys_sweep(mf.FlamingoConfig.preset(preset), args.repeats)
+        return 0
     layer, resampler = setup(cfg)
     train, ev, ev_attn = (f"train: resampler + layer, B={args.batch}, T=5, L=256, fwd+bwd",
                           "eval32: layer, T=32, L=2048, fwd", "eval32: masked xattn alone, fwd")

@@ -12,6 +12,8 @@ Notable features
   image is exactly the frozen LM's (open_flamingo applies the FFW to every token; we do not, see below).
 - Attention cost scales with each token's own media, L x R, not with all media of the row, L x T*R:
   tokens are grouped by their media and each group attends to its R latents only (see `attend_own_media`).
+  With few keys per row (training batches: up to 8 media of 8 latents at the tiny preset) one masked call
+  over all of them is faster on a CPU and computes the same numbers (`attend_own_media_masked`).
 
 Shapes: B batch, L text length, T media slots per row, R latents per media, D = LM width,
 Dr = media width (the resampler's), nh heads, hs head size, E = nh * hs, N chunks per row, C tokens per chunk.
@@ -92,6 +94,33 @@ def attend_own_media(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: tor
     return out.view(-1, E).index_select(0, slot).view(B, L, E)  # back in text order; dummy slots read 0
 
 
+# Up to this many keys per row (T * R), `MaskedCrossAttention` runs `attend_own_media_masked`: one SDPA call
+# per row over all of the row's media keys, masked to media phi(t). It does T times the grouped version's
+# attention work, but in B * nh calls instead of B * N * nh tiny ones, and on a CPU that wins while the
+# keys are few. `python benchmarks/xattn.py --keys` (attention alone, fwd + bwd, 16 rows of 15 tokens per
+# media, 1 thread): grouped / masked time 1.9-2.4x up to 32 keys, 1.7x at 64 (the tiny training batch),
+# 1.5x at 128, 0.94x at 256 (tiny widths); 1.8x at 128, 1.3x at 256, 0.95x at 512 (small widths). Not
+# measured on a GPU. Benchmarks set it to 0 to count model FLOPs as the L x R work each token needs.
+MASKED_MAX_KEYS = 128
+
+
+def attend_own_media_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: torch.Tensor
+                            ) -> torch.Tensor:
+    """The same result as `attend_own_media` (each token attends to media phi(t) only, zero where phi(t) = 0)
+    from one masked SDPA call over all T*R keys of the row: L x T*R work, cheaper for few keys (see
+    MASKED_MAX_KEYS). q (B, L, nh, hs), k and v (B, T, nh, R, hs), phi (B, L) -> (B, L, E)."""
+    B, L, nh, hs = q.shape
+    T, R = k.shape[1], k.shape[3]
+    k = k.transpose(1, 2).reshape(B, nh, T * R, hs)  # (B, nh, T*R, hs)
+    v = v.transpose(1, 2).reshape(B, nh, T * R, hs)  # (B, nh, T*R, hs)
+    slot = torch.arange(T * R, device=q.device) // R  # (T*R,) 0-based media slot of each key
+    has_media = (phi > 0)[:, :, None]  # (B, L, 1)
+    # A token without media would have no allowed key (softmax NaN): let it see all, then zero it below.
+    allowed = (slot[None, None, :] == phi[:, :, None] - 1) | ~has_media  # (B, L, T*R)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=allowed[:, None])  # (B,nh,L,hs)
+    return torch.where(has_media, out.transpose(1, 2).reshape(B, L, nh * hs), 0.0)
+
+
 def attend_all_previous_media(q, k, v, phi) -> torch.Tensor:
     """The Table 10 ablation: token t attends to media 1..phi(t) (all previous images), zero if phi(t) = 0.
 
@@ -132,7 +161,11 @@ class MaskedCrossAttention(nn.Module):
         nh, hs = self.n_head, self.d_head
         q = self.to_q(self.norm(x)).view(B, L, nh, hs)  # (B, L, nh, hs)
         kv = self.to_kv(media).view(B, T, R, 2, nh, hs).permute(3, 0, 1, 4, 2, 5)  # (2, B, T, nh, R, hs)
-        return self.to_out(self.attend(q, kv[0], kv[1], phi))  # (B, L, D)
+        attend = self.attend
+        if attend is attend_own_media and T * R <= MASKED_MAX_KEYS:
+            attend = attend_own_media_masked  # the same numbers, faster for few keys (issue 6)
+        k, v = kv.unbind(0)  # one backward (a stack), where kv[0], kv[1] would each zero-fill all of kv
+        return self.to_out(attend(q, k, v, phi))  # (B, L, D)
 
 
 class GatedXAttnDense(nn.Module):
@@ -161,8 +194,10 @@ class GatedXAttnDense(nn.Module):
         # Deviation from open_flamingo: no dense FFW either where phi = 0. A token with no image gets
         # nothing from vision, so the whole layer is the identity there and text before the first image is
         # the frozen LM's, whatever the gates (the text-only examples of zero-shot prompts stay pure LM).
-        has_media = (phi > 0).unsqueeze(-1)  # (B, L, 1)
-        return x + ff_gate * torch.where(has_media, self.ffw(x), 0.0)
+        # Gate and mask folded into one (B, L, 1) factor: one pass over the FFW's output, not two (a where,
+        # then the gate), forward and backward (issue 6). x + 0 * ffw(x) is x exactly: the FFW is finite.
+        ff_scale = ff_gate * (phi > 0).unsqueeze(-1).to(x.dtype)  # (B, L, 1)
+        return x + ff_scale * self.ffw(x)
 
     def _check(self, x, media, phi, phi_checked: bool = False) -> None:
         if x.dim() != 3 or media.dim() != 4 or media.shape[0] != x.shape[0]:

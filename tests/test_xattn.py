@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import miniflamingo as mf
-from miniflamingo.xattn import GatedXAttnDense, attend_all_previous_media, attend_own_media, compute_phi
+from miniflamingo import xattn
+from miniflamingo.xattn import (
+    GatedXAttnDense,
+    attend_all_previous_media,
+    attend_own_media,
+    attend_own_media_masked,
+    compute_phi,
+)
 
 D, D_MEDIA = 16, 12
 
@@ -78,7 +85,8 @@ def test_grouped_attention_and_its_gradients_match_per_token_reference(phi_T, R)
     B, L = phi.shape
     q, k, v = torch.randn(B, L, 2, 4), torch.randn(B, T, 2, R, 4), torch.randn(B, T, 2, R, 4)
     w = torch.randn(B, L, 8)  # a random readout, so every output element gets its own gradient
-    for attend, immediate in ((attend_own_media, True), (attend_all_previous_media, False)):
+    for attend, immediate in ((attend_own_media, True), (attend_own_media_masked, True),
+                              (attend_all_previous_media, False)):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         out = attend(*leaves, phi)
         ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -91,6 +99,34 @@ def test_grouped_attention_and_its_gradients_match_per_token_reference(phi_T, R)
                      if ref.requires_grad else [None] * 3)  # no token sees a media: all gradients zero
         for g, r in zip(grads, ref_grads):
             torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(phi_T=phis())
+def test_layer_runs_the_masked_attention_for_few_keys_with_the_same_numbers(phi_T):
+    """MaskedCrossAttention swaps the grouped attention for one masked call when a row has at most
+    MASKED_MAX_KEYS keys (issue 6): same outputs, same gradients, on either side of the threshold."""
+    phi, T = phi_T
+    B, L = phi.shape
+    m = layer()
+    x, media = torch.randn(B, L, D), torch.randn(B, T, 3, D_MEDIA)
+    called = []
+    runs = {}
+    for limit in (0, T * 3):  # 0: always grouped; T * R: masked
+        with pytest.MonkeyPatch.context() as mp:  # hypothesis reruns the body: no function-scoped fixture
+            mp.setattr(xattn, "MASKED_MAX_KEYS", limit)
+            mp.setattr(xattn, "attend_own_media_masked",
+                       lambda *a, limit=limit: called.append(limit) or attend_own_media_masked(*a))
+            m.zero_grad(set_to_none=True)
+            out = m(x, media, phi)
+            out.square().sum().backward()
+        runs[limit] = (out.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None])
+    assert called == [T * 3], "the masked attention runs exactly when the keys fit under the limit"
+    (out0, g0), (out1, g1) = runs[0], runs[T * 3]
+    torch.testing.assert_close(out1, out0, atol=1e-5, rtol=1e-5)
+    assert len(g0) == len(g1)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 @settings(max_examples=20, deadline=None, derandomize=True)
