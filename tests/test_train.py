@@ -209,3 +209,46 @@ def test_families_option_changes_only_the_named_weights_and_names_bad_input():
         parse_families("questions")
     with pytest.raises(SystemExit, match=">= 0"):
         parse_families("questions=-1")
+
+
+def test_throughput_benchmark_counts_the_grouped_attention_flops():
+    """benchmarks/train_throughput.py counts model FLOPs: each token attending to its own media's R keys.
+    The step runs one masked call over all T*R keys of a row when they are few (xattn.MASKED_MAX_KEYS);
+    the count must not include the masked-out keys, nor depend on the threshold, and must restore it."""
+    import copy
+    import importlib.util
+
+    from torch.utils import flop_counter
+
+    from miniflamingo import xattn
+
+    spec = importlib.util.spec_from_file_location(
+        "train_throughput", Path(__file__).resolve().parent.parent / "benchmarks" / "train_throughput.py")
+    tt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tt)
+    model, sampler = tt.build("tiny", 2, torch.device("cpu"))
+    meta = copy.deepcopy(model).to("meta")
+    batches = sampler.batch(0)
+    R = model.cfg.resampler.num_latents
+    assert any(b.media is not None and b.media.shape[1] * R <= xattn.MASKED_MAX_KEYS for b in batches)
+
+    def autocast():
+        return torch.autocast("cpu", enabled=False)
+
+    saved = xattn.MASKED_MAX_KEYS
+    counted = tt.count_flops(meta, batches, autocast)
+    assert xattn.MASKED_MAX_KEYS == saved
+    xattn.MASKED_MAX_KEYS = 0
+    try:
+        assert tt.count_flops(meta, batches, autocast) == counted  # the grouped path's count either way
+    finally:
+        xattn.MASKED_MAX_KEYS = saved
+    # What the masked call itself would add: more FLOPs, all on keys it masks out.
+    total = flop_counter.FlopCounterMode(display=False, custom_mapping=tt.CPU_ATTENTION)
+    with total:
+        for b in batches:
+            _, loss = meta(b.input_ids.to("meta"), vision_features=tt._meta(b.media), targets=b.targets,
+                           media_frames=b.frames, return_logits=False)
+            (b.weight * loss).backward()
+    meta.zero_grad(set_to_none=True)
+    assert total.get_total_flops() > counted[0]
