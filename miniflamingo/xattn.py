@@ -13,7 +13,8 @@ Notable features
 - Attention cost scales with each token's own media, L x R, not with all media of the row, L x T*R:
   tokens are grouped by their media and each group attends to its R latents only (see `attend_own_media`).
   With few keys per row (training batches: up to 8 media of 8 latents at the tiny preset) one masked call
-  over all of them is faster on a CPU and computes the same numbers (`attend_own_media_masked`).
+  over all of them is faster on a CPU and computes the same function, equal to rounding
+  (`attend_own_media_masked`).
 
 Shapes: B batch, L text length, T media slots per row, R latents per media, D = LM width,
 Dr = media width (the resampler's), nh heads, hs head size, E = nh * hs, N chunks per row, C tokens per chunk.
@@ -163,7 +164,7 @@ class MaskedCrossAttention(nn.Module):
         kv = self.to_kv(media).view(B, T, R, 2, nh, hs).permute(3, 0, 1, 4, 2, 5)  # (2, B, T, nh, R, hs)
         attend = self.attend
         if attend is attend_own_media and T * R <= MASKED_MAX_KEYS:
-            attend = attend_own_media_masked  # the same numbers, faster for few keys (issue 6)
+            attend = attend_own_media_masked  # the same function (equal to rounding), faster for few keys
         k, v = kv.unbind(0)  # one backward (a stack), where kv[0], kv[1] would each zero-fill all of kv
         return self.to_out(attend(q, k, v, phi))  # (B, L, D)
 
