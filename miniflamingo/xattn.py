@@ -105,21 +105,31 @@ def attend_own_media(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: tor
 MASKED_MAX_KEYS = 128
 
 
-def attend_own_media_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: torch.Tensor
-                            ) -> torch.Tensor:
-    """The same result as `attend_own_media` (each token attends to media phi(t) only, zero where phi(t) = 0)
-    from one masked SDPA call over all T*R keys of the row: L x T*R work, cheaper for few keys (see
-    MASKED_MAX_KEYS). q (B, L, nh, hs), k and v (B, T, nh, R, hs), phi (B, L) -> (B, L, E)."""
+def attend_media_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: torch.Tensor,
+                        only_immediate_media: bool) -> torch.Tensor:
+    """One SDPA call over all T*R keys of each row, masked to media phi(t) (only_immediate_media) or to
+    media 1..phi(t); zero where phi(t) = 0. L x T*R work. Same shapes as `attend_own_media`."""
     B, L, nh, hs = q.shape
     T, R = k.shape[1], k.shape[3]
     k = k.transpose(1, 2).reshape(B, nh, T * R, hs)  # (B, nh, T*R, hs)
     v = v.transpose(1, 2).reshape(B, nh, T * R, hs)  # (B, nh, T*R, hs)
-    slot = torch.arange(T * R, device=q.device) // R  # (T*R,) 0-based media slot of each key
-    has_media = (phi > 0)[:, :, None]  # (B, L, 1)
+    slot = torch.arange(T * R, device=q.device)[None, None, :] // R  # (1, 1, T*R) 0-based slot of each key
+    if only_immediate_media:
+        allowed = slot == phi[:, :, None] - 1  # (B, L, T*R): slot phi(t) - 1 only
+    else:
+        allowed = slot < phi[:, :, None]  # (B, L, T*R): slots 0 .. phi(t) - 1
     # A token without media would have no allowed key (softmax NaN): let it see all, then zero it below.
-    allowed = (slot[None, None, :] == phi[:, :, None] - 1) | ~has_media  # (B, L, T*R)
+    has_media = (phi > 0)[:, :, None]  # (B, L, 1)
+    allowed = allowed | ~has_media
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=allowed[:, None])  # (B,nh,L,hs)
-    return torch.where(has_media, out.transpose(1, 2).reshape(B, L, nh * hs), 0.0)
+    return torch.where(has_media, out.transpose(1, 2).reshape(B, L, nh * hs), 0.0)  # (B, L, E)
+
+
+def attend_own_media_masked(q, k, v, phi) -> torch.Tensor:
+    """The same function as `attend_own_media` (each token attends to media phi(t) only, zero where
+    phi(t) = 0) from one masked SDPA call over all T*R keys of the row: L x T*R work, cheaper for few keys
+    (see MASKED_MAX_KEYS)."""
+    return attend_media_masked(q, k, v, phi, only_immediate_media=True)
 
 
 def attend_all_previous_media(q, k, v, phi) -> torch.Tensor:
@@ -127,19 +137,7 @@ def attend_all_previous_media(q, k, v, phi) -> torch.Tensor:
 
     Same shapes as `attend_own_media`. This needs a mask over all T*R keys of the row: its cost is
     L x T*R by nature."""
-    B, L, nh, hs = q.shape
-    T, R = k.shape[1], k.shape[3]
-    k = k.transpose(1, 2).reshape(B, nh, T * R, hs)  # (B, nh, T*R, hs)
-    v = v.transpose(1, 2).reshape(B, nh, T * R, hs)  # (B, nh, T*R, hs)
-    slot = torch.arange(T * R, device=q.device) // R  # (T*R,) 0-based media slot of each key
-    allowed = slot[None, None, :] < phi[:, :, None]  # (B, L, T*R): slots 0 .. phi(t) - 1
-    # A row with nothing allowed would make softmax NaN: let it attend to everything, then zero it.
-    has_media = (phi > 0)[:, :, None]  # (B, L, 1)
-    allowed = allowed | ~has_media
-    q = q.transpose(1, 2)  # (B, nh, L, hs)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])  # (B, nh, L, hs)
-    out = out.transpose(1, 2).reshape(B, L, nh * hs)  # (B, L, E)
-    return torch.where(has_media, out, 0.0)
+    return attend_media_masked(q, k, v, phi, only_immediate_media=False)
 
 
 class MaskedCrossAttention(nn.Module):
