@@ -137,12 +137,30 @@ def test_load_run_round_trip_and_errors(run_dir, tmp_path, capsys):
 
 def test_eval_command_end_to_end(run_dir, capsys):
     assert ev.main(["--run", str(run_dir), "--shots", "0,2", "--k", "0,1", "--episodes", "1",
-                    "--ensemble", "2"]) == 0
+                    "--ensemble", "2", "--binding-episodes", "2"]) == 0
     out = capsys.readouterr().out
     results = json.loads((run_dir / "eval.json").read_text())
     check_schema(results, list(ev.TASKS), (0, 2), (0, 1))
     assert all(name in out for name in ev.TASKS) and out.count("blind") == len(ev.TASKS)
-    assert results["settings"]["episodes"] == 1
+    assert results["settings"]["episodes"] == 1 and results["settings"]["binding_episodes"] == 2
+
+
+def test_binding_tasks_take_their_own_episode_count(tok, world, monkeypatch):
+    """--binding-episodes: the binding cells rank that many episodes each, the open-ended ones answer
+    --episodes queries; without it both take --episodes."""
+    drawn = []
+    real = ev.binding_episode
+    monkeypatch.setattr(ev, "binding_episode", lambda *a: drawn.append(a) or real(*a))
+    r = ev.evaluate(tiny_model(), tok, world, ["vqa", "binding_2way"], (0,), episodes=1, k_shots=(0, 1),
+                    ensemble=1, binding_episodes=3)
+    assert [(name, k) for _, name, k, _ in drawn] == [("binding_2way", 0)] * 3 + [("binding_2way", 1)] * 3
+    assert len({seed for *_, seed in drawn}) == 3  # three different episodes, the same three for each k
+    assert len(r["samples"]["vqa"]["0"]) == 1 and r["settings"]["binding_episodes"] == 3
+    drawn.clear()
+    r = ev.evaluate(tiny_model(), tok, world, ["binding_2way"], (0,), episodes=2, k_shots=(1,), ensemble=1)
+    assert len(drawn) == 2 and r["settings"]["binding_episodes"] == 2
+    with pytest.raises(SystemExit):
+        ev.main(["--run", "nowhere", "--binding-episodes", "0"])
 
 
 def test_ask_on_sample_photos(run_dir, tmp_path, capsys):
