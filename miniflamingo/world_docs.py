@@ -26,11 +26,21 @@ from miniflamingo.world_text import BINDING_TEXT, CAPTION_TEMPLATES, CAPTION_TEX
 # Binding-heavy: binding is the slowest skill to learn (the others also come from the image-text and
 # video-text pairs). Measured in one demo-sized run (same LM, 1400 steps): 5-way 1-shot binding 90% with
 # binding at 0.6; with 0.25 and 700 steps it stayed at chance, with 0.6 and 700 steps it reached 47.5%.
-FAMILIES = {"captions": 0.1, "questions": 0.1, "binding": 0.6, "ambiguous": 0.1, "attribute": 0.05,
+# Ambiguous documents are off by default (weights are normalised, so the rest keep their ratios): the
+# frozen LM binds by shape whatever the examples say (LM_FAMILIES, below), so a word bound to a colour is
+# noise to learn from, and it cost binding. Without them (same encoder and LM, 1300 steps, 200 episodes,
+# k = 1, seeds 0 / 1): 5-way binding 94.5 -> 97.5% / 97 -> 100%, novel shapes 2-way 77.5 -> 81% /
+# 79 -> 87.5%, 5-way 55.5 -> 67.5% / 58 -> 64.5%; ambiguous binding stayed at chance (52.5-54%).
+FAMILIES = {"captions": 0.1, "questions": 0.1, "binding": 0.6, "ambiguous": 0.0, "attribute": 0.05,
             "video": 0.05}
 # Drill-heavy: with 0.2 documents and 0.3 each of the two binding drills the tiny LM's binding probe
 # reached 0.90 at step 1250 (32 x 128 tokens), 0.39 with the five families at 0.2 each (one run each).
-LM_FAMILIES = {"documents": 0.2, "binding_drill": 0.3, "vector_drill": 0.3, "ambiguous_drill": 0.1,
+# Ambiguous drills (a word bound to a colour or a shape, which two examples decide) are off by default:
+# in a tenth of the corpus the tiny LM never learned the vote (it always bound by shape: 0-7% right when
+# the words named colours, at any k; nor with a quarter, nor with them first), and they cost it plain
+# binding. Without them (their tenth to the two binding drills), text-only 5-way binding on 400 test
+# episodes rose from 92.5% to 98.0% (seed 0) and from 98.3% to 100% (seed 1). Issue 7 has the runs.
+LM_FAMILIES = {"documents": 0.2, "binding_drill": 0.35, "vector_drill": 0.35, "ambiguous_drill": 0.0,
                "pairs": 0.1}
 MAX_MEDIA = 8  # media per document: 3 to 8
 
@@ -161,9 +171,8 @@ def document_chunks(world, rng, split: str, families=None) -> tuple[str, dict, l
 def lm_document(world, rng, families=None) -> str:
     """One text document: " red circle\ndax<|endofchunk|> blue star\nwug<|endofchunk|>".
     Families (LM_FAMILIES): "documents" (world documents, images -> stand-in words), "binding_drill",
-    "vector_drill", "ambiguous_drill", "pairs" (unrelated captions and questions). For the two-stage
-    curriculum of issue 3 (binding first, ambiguous words second), pass families without
-    "ambiguous_drill", then with it."""
+    "vector_drill", "ambiguous_drill" (weight 0 by default, see LM_FAMILIES; name it to draw it), "pairs"
+    (unrelated captions and questions)."""
     family = _pick(rng, families, LM_FAMILIES)
 
     def label(word: str) -> str:
