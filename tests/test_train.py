@@ -38,8 +38,11 @@ def train(run: Path, *extra, nproc: int = 1, wait: bool = True):
     if nproc == 1:
         cmd = [sys.executable, "-m", "miniflamingo", "train"]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", "29517", "-m", "miniflamingo", "train"]
+        # --standalone: a free port each time. The FSDP case failed once in a full run with a fixed
+        # port (29517), then passed 8 times alone (its output was not kept): a port still held by the
+        # previous torchrun is the likely cause (that case starts three in a row), and cheap to remove.
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "miniflamingo", "train"]
     cmd += ["--run-dir", str(run), *SMALL, *extra]
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
