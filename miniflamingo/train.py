@@ -89,7 +89,8 @@ def world_data(vision, image_size: int, tok, args) -> dict[str, DocumentDataset]
     t0 = time.perf_counter()
     data = {
         "interleaved": DocumentDataset.from_documents(
-            world.documents(args.docs, seed=args.seed, families=args.family_weights), tok),
+            world.documents(args.docs, seed=args.seed, families=args.family_weights,
+                            blob_binding=args.blob_binding), tok),
         "image_text": DocumentDataset.from_pairs(world.image_text_pairs(args.pairs, seed=args.seed), tok),
         "video_text": DocumentDataset.from_pairs(world.video_text_pairs(args.videos, seed=args.seed), tok),
     }  # split "train" (the default): held-out images, combinations and novel shapes never appear
@@ -167,6 +168,9 @@ def parse_args(argv):
     ap.add_argument("--families", default=None,
                     help="interleaved documents' family weights, e.g. binding=0.5,questions=0.2 (the others "
                          "keep world_docs.FAMILIES' weights; 0 drops one)")
+    ap.add_argument("--blob-binding", type=float, default=0.0,
+                    help="share of binding documents whose words name the vision stage's blob shapes instead "
+                         "of the named ones (default 0; 0.3 raised novel-shape binding in two seeds, README)")
     ap.add_argument("--pairs", type=int, default=2000, help="image-text pairs drawn from the world")
     ap.add_argument("--videos", type=int, default=600, help="video-text pairs drawn from the world")
     ap.add_argument("--seq-len", type=int, default=256, help="paper A.3: 256-token subsequences")
@@ -197,6 +201,9 @@ def parse_args(argv):
     ap.add_argument("--save-every", type=int, default=100)
     args, overrides = ap.parse_known_args(argv)
     args.family_weights = parse_families(args.families)  # parsed once; a bad one fails before any work
+    if not 0.0 <= args.blob_binding <= 1.0:
+        raise SystemExit(f"train: --blob-binding is a share of the binding documents, 0 to 1; got "
+                         f"{args.blob_binding}")
     return args, overrides
 
 

@@ -193,12 +193,14 @@ class World:
                 attrs["objects"][k] = {**o, "shape": BLOB_SHAPES[int(rng.integers(len(BLOB_SHAPES)))]}
         return {"image": self.render(attrs), "caption": wt.caption(attrs, "full"), "attrs": attrs}
 
-    def document(self, i: int, split: str = "train", seed: int = 0, families=None) -> dict:
+    def document(self, i: int, split: str = "train", seed: int = 0, families=None,
+                 blob_binding: float = 0.0) -> dict:
         """An interleaved document {"texts", "images", "task", "latent", "media_attrs"}: aligned lists,
         one non-None per index, each media followed by its text, 3-8 media. `families`: a dict of
-        weights or a list of names from world_docs.FAMILIES (default: all, weighted)."""
+        weights or a list of names from world_docs.FAMILIES (default: all, weighted); `blob_binding`: the
+        share of binding documents over blob shapes (world_docs.document_chunks)."""
         rng = self.rng(split, "documents", seed, i)
-        task, latent, chunks = world_docs.document_chunks(self, rng, split, families)
+        task, latent, chunks = world_docs.document_chunks(self, rng, split, families, blob_binding)
         texts, images, media_attrs = [], [], []
         for attrs, text in chunks:
             texts += [None, text]
@@ -231,8 +233,9 @@ class World:
         attrs = {**pair["attrs"], "objects": objs}
         return {"image": self.render(attrs), "caption": wt.caption(attrs, "full"), "attrs": attrs}
 
-    def documents(self, n: int, split: str = "train", seed: int = 0, families=None) -> list[dict]:
-        return [self.document(i, split, seed, families) for i in range(n)]
+    def documents(self, n: int, split: str = "train", seed: int = 0, families=None,
+                  blob_binding: float = 0.0) -> list[dict]:
+        return [self.document(i, split, seed, families, blob_binding) for i in range(n)]
 
     def lm_corpus(self, n_docs: int, seed: int = 0, families=None) -> list[str]:
         return [self.lm_document(i, seed, families) for i in range(n_docs)]

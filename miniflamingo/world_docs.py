@@ -21,7 +21,7 @@ import numpy as np
 
 from miniflamingo import world_text as wt
 from miniflamingo.tokenizer import EOC
-from miniflamingo.world_render import COLOURS, HELDOUT_COMBOS, NOVEL_SHAPES, SHAPES
+from miniflamingo.world_render import BLOB_SHAPES, COLOURS, HELDOUT_COMBOS, NOVEL_SHAPES, SHAPES
 from miniflamingo.world_text import BINDING_TEXT, CAPTION_TEMPLATES, CAPTION_TEXT, QA_TEXT
 
 # Document families and their default weights; documents(families=...) takes a dict or a list of names.
@@ -106,8 +106,11 @@ def ambiguous_chunks(world, rng, split: str, k: int, n_query: int, p_conflict: f
 # ----------------------------------------------------------------------------- document families
 
 
-def document_chunks(world, rng, split: str, families=None) -> tuple[str, dict, list[tuple[dict, str]]]:
-    """One document: (family, latent task, chunks)."""
+def document_chunks(world, rng, split: str, families=None, blob_binding: float = 0.0
+                    ) -> tuple[str, dict, list[tuple[dict, str]]]:
+    """One document: (family, latent task, chunks). `blob_binding`: the share of binding documents whose
+    words name the vision stage's blob shapes instead of the eight named ones (see `train --blob-binding`);
+    at 0 the random stream, and so every document, is what it was without the option."""
     family = _pick(rng, families, FAMILIES)
     forbidden = frozenset(HELDOUT_COMBOS) if split == "train" else frozenset()
     m = int(rng.integers(3, MAX_MEDIA + 1))
@@ -127,7 +130,10 @@ def document_chunks(world, rng, split: str, families=None) -> tuple[str, dict, l
     if family == "binding":
         n_way = int(rng.integers(2, 6))
         m = int(rng.integers(max(3, n_way + 1), MAX_MEDIA + 1))
-        shapes = [SHAPES[i] for i in rng.choice(len(SHAPES), n_way, replace=False)]
+        # Blob shapes (never named in any caption, never the held-out novel ones) make the model match
+        # shapes it has no word for, as novel-shape binding must (issue 7; the numbers are in README).
+        pool = BLOB_SHAPES if blob_binding > 0 and rng.random() < blob_binding else SHAPES
+        shapes = [pool[i] for i in rng.choice(len(pool), n_way, replace=False)]
         words = wt.made_up_words(rng, n_way)
         chunks = [(_one(world, rng, split, shapes[c]), BINDING_TEXT.format(word=words[c]))
                   for c in _labels(rng, n_way, m)]

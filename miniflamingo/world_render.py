@@ -135,7 +135,7 @@ def blob_outline(seed: int) -> list[tuple[float, float]]:
 
 
 BLOB_SEED = 20220429  # fixed: the blobs are part of the world's definition, like the named shapes
-BLOB_SHAPES = tuple(f"blob{i}" for i in range(48))  # generic ids; only vision_pairs draws them
+BLOB_SHAPES = tuple(f"blob{i}" for i in range(48))  # generic ids: vision_pairs, and `train --blob-binding`
 for _i, _name in enumerate(BLOB_SHAPES):
     OUTLINES[_name] = [("poly", blob_outline(BLOB_SEED + _i), 255)]
 

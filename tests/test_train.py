@@ -212,6 +212,11 @@ def test_families_option_changes_only_the_named_weights_and_names_bad_input():
         parse_families("questions")
     with pytest.raises(SystemExit, match=">= 0"):
         parse_families("questions=-1")
+    from miniflamingo.train import parse_args
+
+    assert parse_args(["--blob-binding", "0.3"])[0].blob_binding == 0.3
+    with pytest.raises(SystemExit, match="--blob-binding is a share"):
+        parse_args(["--blob-binding", "1.5"])
 
 
 def test_throughput_benchmark_counts_the_grouped_attention_flops():
