@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import IMAGE_SIZE, tiny_model
@@ -207,3 +208,29 @@ def test_kinds_split_the_total(tok, world):
     assert "kinds" not in r["tasks"]["captioning"]
     text = ev.format_kinds(r)
     assert text.splitlines()[0].startswith("vqa by kind, 0 shots: colour ") and "video_qa by kind" in text
+
+
+def test_caption_shots_benchmark_agrees_with_the_eval(run_dir, tok, world, capsys):
+    """benchmarks/caption_shots.py captions the eval's own queries with the eval's own prompts: its cells are
+    `evaluate`'s captioning cells, caption for caption, and its paired change is the per-query difference."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "caption_shots", Path(__file__).resolve().parent.parent / "benchmarks" / "caption_shots.py")
+    cs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cs)
+    mean, se = cs.paired_change([1.0, 2.0, 3.0], [2.0, 2.0, 5.0])
+    assert mean == pytest.approx(1.0) and se == pytest.approx(1.0 / math.sqrt(3))
+    assert cs.attribute_words("a small red circle, a large red square") == {
+        "small": 1, "red": 2, "circle": 1, "large": 1, "square": 1}
+    assert cs.main(["--run", str(run_dir), "--queries", "3", "--shots", "0,1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["0", "1"] and len(rows[0]) == len(rows[1]) - 1  # 1 shot adds the change
+    model, cfg = ev.load_run(run_dir)
+    assert cfg.vision.image_size == world.image_size  # the world the script builds makes the same images
+    results = ev.evaluate(model, tok, world, ["captioning"], shots=(0, 1), episodes=3)
+    _, cells = cs.caption_cells(model, tok, world, 3, [0, 1])
+    for k in ("0", "1"):
+        assert [p for p, _ in results["samples"]["captioning"][k]] == cells[int(k)][2]
+        assert cells[int(k)][0] == pytest.approx(results["tasks"]["captioning"]["shots"][k])
+        assert np.mean(cells[int(k)][3]) == pytest.approx(cells[int(k)][0])  # corpus score: the mean
