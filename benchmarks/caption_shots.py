@@ -24,7 +24,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from miniflamingo import evaluate as ev  # noqa: E402
-from miniflamingo import fewshot as fs  # noqa: E402
 from miniflamingo.metrics import cider_d  # noqa: E402
 from miniflamingo.world import World  # noqa: E402
 from miniflamingo.world_render import COLOURS, SHAPES  # noqa: E402
@@ -54,19 +53,12 @@ def caption_cells(model, tok, world, n_queries: int, shots: list[int], rices: bo
                   ) -> tuple[list[dict], dict]:
     """(queries, {k: (CIDEr-D, blind, predictions, per-query CIDEr-D)}): the eval's captioning queries,
     support pool and prompts (`evaluate.open_cell` with the suite's random key), on n_queries images."""
-    task = ev.TASKS["captioning"]
-    queries = ev.open_items(world, "captioning", n_queries, "test", seed)
-    pool = ev.open_items(world, "captioning", 64, "val", seed)
-    for items in (queries, pool):  # encode each image once, as evaluate() does
-        for x, f in zip(items, fs.vision_features(model, [x["media"] for x in items])):
-            x["media"] = f
-    features = (fs.pooled([q["media"] for q in queries]), fs.pooled([p["media"] for p in pool]))
-    key = [seed, list(ev.TASKS).index("captioning")]  # the key evaluate() gives this task's cells
+    queries, pool, features = ev.encoded_open_items(model, world, "captioning", n_queries, 64, seed, rices)
     cells = {}
     for k in shots:
         with torch.no_grad():
-            value, blind, preds = ev.open_cell(model, tok, task, queries, pool, k, key,
-                                               features if rices and k > 0 else None)
+            value, blind, preds = ev.open_cell(model, tok, ev.TASKS["captioning"], queries, pool, k,
+                                               ev.cell_key("captioning", seed), features if k > 0 else None)
         if value is not None:
             scores = cider_d(dict(enumerate(preds)), {i: q["references"] for i, q in enumerate(queries)})[1]
             cells[k] = (value, blind, preds, [scores[i] for i in range(len(queries))])
@@ -87,7 +79,6 @@ def main(argv=None) -> int:
     tok = ev.run_tokenizer(args.run, cfg)
     world = World(seed=0, image_size=cfg.vision.image_size)
     queries, cells = caption_cells(model, tok, world, args.queries, shots, args.rices, args.seed)
-    n_objects = [len(x["attrs"]["objects"]) for x in world.caption_set(args.queries, "test", args.seed)]
     print(f"{args.run}: {args.queries} captions per cell, support {'RICES' if args.rices else 'random'}")
     print(f"{'shots':>5} {'CIDEr-D':>8} {'+-':>5} {'vs 0 shots':>14} {'blind':>6} {'exact':>6} "
           f"{'wrong words':>11} {'n objects ok':>12}")
@@ -101,7 +92,9 @@ def main(argv=None) -> int:
         wrong = sum(sum((attribute_words(p) - attribute_words(q["answer"])).values())
                     for p, q in zip(preds, queries))
         exact = np.mean([p in q["references"] for p, q in zip(preds, queries)])
-        count_ok = np.mean([p.count(" at the ") == n for p, n in zip(preds, n_objects)])
+        # the eval's template names each object's position once: " at the top left", " at the centre"
+        count_ok = np.mean([p.count(" at the ") == q["answer"].count(" at the ")
+                            for p, q in zip(preds, queries)])
         print(f"{k:>5} {100 * value:8.1f} {100 * bootstrap_se(per_query):5.1f} {change:>14} "
               f"{100 * blind:6.1f} {exact:6.3f} {wrong:11d} {count_ok:12.3f}")
     return 0

@@ -88,6 +88,26 @@ def open_items(world, name: str, n: int, split: str, seed: int) -> list[dict]:
              "references": x["answers"], "kind": x["kind"]} for x in items]
 
 
+def encoded_open_items(model, world, name: str, n: int, pool_size: int, seed: int, rices: bool = False):
+    """(queries, pool, features) of an open-ended task, each media replaced by its frozen vision features
+    (F, S, Dv): the encoder sees each media once, not once per prompt. features: (query, pool) pooled
+    features for RICES, or None."""
+    queries = open_items(world, name, n, "test", seed)
+    pool = open_items(world, name, pool_size, "val", seed)
+    for items in (queries, pool):
+        for x, f in zip(items, fs.vision_features(model, [x["media"] for x in items])):
+            x["media"] = f  # (F, S, Dv)
+    features = None
+    if rices:
+        features = (fs.pooled([q["media"] for q in queries]), fs.pooled([p["media"] for p in pool]))
+    return queries, pool, features
+
+
+def cell_key(name: str, seed: int) -> list[int]:
+    """The random key of a task's cells (support sampling): the same prompts in every caller."""
+    return [seed, list(TASKS).index(name)]
+
+
 def item_shot(item: dict, with_answer: bool = True) -> fs.Shot:
     answer = item["answer"] if with_answer else None
     if item["question"] is None:
@@ -190,23 +210,16 @@ def evaluate(model, tok, world, tasks=None, shots=(0, 4, 8, 16), episodes: int =
     samples = {name: {} for name in tasks if TASKS[name].kind == "open"}  # [prediction, answer] pairs
     results = {"tasks": {}, "settings": settings, "samples": samples}
     for name in tasks:
-        task, t, start = TASKS[name], list(TASKS).index(name), time.perf_counter()
+        task, start = TASKS[name], time.perf_counter()
         counts = list(k_shots if task.per_class else shots)
         row = {"metric": task.metric, "unit": "shots per class" if task.per_class else "shots",
                "shots": {}, "blind": {}}
         if task.kind == "open":
-            queries = open_items(world, name, episodes, "test", seed)
-            pool = open_items(world, name, pool_size, "val", seed)
-            for items in (queries, pool):  # the frozen encoder sees each media once, not once per prompt
-                for x, f in zip(items, fs.vision_features(model, [x["media"] for x in items])):
-                    x["media"] = f  # (F, S, Dv)
-            features = None
-            if rices:
-                features = (fs.pooled([q["media"] for q in queries]), fs.pooled([p["media"] for p in pool]))
+            queries, pool, features = encoded_open_items(model, world, name, episodes, pool_size, seed, rices)
         for n in counts:
             if task.kind == "open":
-                value, blind, predictions = open_cell(model, tok, task, queries, pool, n, [seed, t], features,
-                                                      batch_size)
+                value, blind, predictions = open_cell(model, tok, task, queries, pool, n,
+                                                      cell_key(name, seed), features, batch_size)
                 samples[name][str(n)] = [[p, q["answer"]] for p, q in zip(predictions[:N_SAMPLES], queries)]
                 if task.metric == "vqa_accuracy" and predictions:
                     row.setdefault("kinds", {})[str(n)] = score_by_kind(predictions, queries)
