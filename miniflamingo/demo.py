@@ -55,7 +55,7 @@ FULL = {
     # Blob binding 0.3: three binding documents in ten name the vision stage's blob shapes. Same parts,
     # 1 thread, 200 episodes at k = 1, seeds 0 / 1: novel shapes 2-way 78.5 -> 86.5% / 82.5 -> 92.5%,
     # 5-way 66 -> 70.5% / 62 -> 74%; named 5-way 98.5 -> 97% / 100 -> 98.5%.
-    # Not fewer steps to save time: with 1150 (session 11, the four demo seeds on their cached parts) seed 1's
+    # Not fewer steps to save time: with 1150 (session 11, four demo seeds; seed 3: 575 s end to end) seed 1's
     # Flamingo did not bind at all (5-way 24%, 2-way 50% at k = 1; with 1300, 99% / 99%), the others still
     # did (5-way 99 / 86 / 96%). Binding is a late jump here too, so the schedule keeps its room past it.
     "train": ["--steps", "1300", "--lr", "2e-3", "--gate-lr-mult", "20", "--blob-binding", "0.3"],
