@@ -112,6 +112,10 @@ class LMConfig:
     pos: str = "alibi"  # "alibi" or "rope"
     tie_weights: bool = True
     dropout: float = 0.0
+    # Smeared keys (Olsson et al. 2022, "In-context learning and induction heads"): each head's key at j
+    # mixes in the key at j-1 with a learned weight. Off in every preset (the paper's LM has plain keys);
+    # `--lm.smear_keys=true` to try it: see lm.CausalSelfAttention for what it did to the tiny LM.
+    smear_keys: bool = False
 
     def __post_init__(self):
         assert self.d_model % self.n_head == 0, (

@@ -23,8 +23,18 @@ def tiny_cfg(pos="alibi", **kw) -> LMConfig:
 
 
 def tiny_gpt(pos="alibi", **kw) -> GPT:
+    """pos "alibi", "rope", or either with "+smear": smeared keys, their weights drawn away from init."""
     torch.manual_seed(0)
-    return GPT(tiny_cfg(pos, **kw)).eval()
+    smear = pos.endswith("+smear")
+    gpt = GPT(tiny_cfg(pos.removesuffix("+smear"), smear_keys=smear, **kw)).eval()
+    if smear:
+        with torch.no_grad():
+            for blk in gpt.blocks:
+                blk.attn.smear.normal_(0, 2)  # each head its own mix of k_j and k_{j-1}
+    return gpt
+
+
+POS = ["alibi", "rope", "alibi+smear", "rope+smear"]
 
 
 def close(actual, expected, what, atol=1e-5, rtol=1e-5):
@@ -57,6 +67,10 @@ def reference_forward(gpt: GPT, idx: torch.Tensor) -> torch.Tensor:
                 return torch.cat([z.real, z.imag], dim=-1)
 
             q, k = rotate(q), rotate(k)
+        if cfg.smear_keys:  # Olsson et al. 2022: s_h k_j + (1 - s_h) k_{j-1}, no key before position 0
+            s = torch.sigmoid(blk.attn.smear)
+            k = torch.stack([s[hd] * k[:, hd, j] + (1 - s[hd]) * (k[:, hd, j - 1] if j else 0)
+                             for hd in range(nh) for j in range(L)], dim=1).view(B, nh, L, hs)
         scores = q @ k.transpose(-1, -2) / math.sqrt(hs)
         bias = torch.zeros(nh, L, L)
         for hd, m in enumerate(alibi_slopes(nh) if cfg.pos == "alibi" else [0.0] * nh):
@@ -73,7 +87,7 @@ def reference_forward(gpt: GPT, idx: torch.Tensor) -> torch.Tensor:
     return x @ gpt.lm_head.weight.T
 
 
-@pytest.mark.parametrize("pos", ["alibi", "rope"])
+@pytest.mark.parametrize("pos", POS)
 def test_matches_reference(pos):
     gpt = tiny_gpt(pos)
     idx = torch.randint(0, V, (2, 11))
@@ -92,7 +106,7 @@ def test_alibi_slopes_match_paper():
 # ----------------------------------------------------------------------------- invariants
 
 
-@pytest.mark.parametrize("pos", ["alibi", "rope"])
+@pytest.mark.parametrize("pos", POS)
 @settings(max_examples=20, deadline=None)
 @given(t=st.integers(0, 15), new=st.integers(0, V - 1))
 def test_causality(pos, t, new):
@@ -105,7 +119,7 @@ def test_causality(pos, t, new):
     close(b[:, :t], a[:, :t], f"logits before position {t} after changing token {t}", atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("pos", ["alibi", "rope"])
+@pytest.mark.parametrize("pos", POS)
 @settings(max_examples=15, deadline=None)
 @given(cuts=st.lists(st.integers(1, 19), max_size=5))
 def test_cache_matches_full_forward(pos, cuts):
@@ -121,7 +135,7 @@ def test_cache_matches_full_forward(pos, cuts):
     close(torch.cat(parts, dim=1), full, f"cached chunks {bounds} vs full ({pos})")
 
 
-@pytest.mark.parametrize("pos", ["alibi", "rope"])
+@pytest.mark.parametrize("pos", POS)
 def test_cache_token_by_token_with_left_padding(pos):
     """What Flamingo's generate does: a left-padded prompt, then one token at a time, key_mask throughout."""
     gpt = tiny_gpt(pos)
@@ -158,7 +172,7 @@ def test_batch_independence():
         close(gpt(idx)[0][1:2], gpt(idx[1:2])[0], "row 1 in a batch vs alone")
 
 
-@pytest.mark.parametrize("pos", ["alibi", "rope"])
+@pytest.mark.parametrize("pos", POS)
 @settings(max_examples=10, deadline=None)
 @given(n_pad=st.integers(1, 8))
 def test_left_padding_with_key_mask(pos, n_pad):
