@@ -133,13 +133,10 @@ class CausalSelfAttention(nn.Module):
         # s_h = sigmoid(smear_h) learned, 0.5 at init. Binding words to images in context is an induction
         # pattern: the query's slot must find the key of the word AFTER the matching support slot, which a
         # plain key only carries once an earlier layer has copied the previous token into it; with the
-        # previous key mixed in, one layer can do it. Measured on the tiny LM (demo recipe, 1400 steps,
-        # seeds 0 / 1): the 5-way binding probe left chance at steps 300-400 instead of 900-1200, but
-        # stalled at 82-86% (the plain LM: 99%). Its misses are made-up words that share their first
-        # token ("duzan" / "dunas"): it copies the second token from whichever word began with "d",
-        # induction on one token of context. Smearing in the first layer only stalled the same (82%), and
-        # starting from s = 0.95 never left chance by step 900. So no preset uses it (issue 6 wanted the
-        # LM's 5.5 minutes shorter). torch.zeros, not empty: the GPT init touches only Linear and Embedding.
+        # previous key mixed in, one layer can do it. On the tiny LM the binding probe left chance three
+        # times sooner, but stalled at 82-86% (99% without): made-up words sharing a first token get their
+        # second token from the wrong word (docs/EXPERIMENTS.md, "The LM stage"). So no preset uses it.
+        # torch.zeros, not empty: the GPT init touches only Linear and Embedding weights.
         self.smear = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.smear_keys else None
 
     def smear_keys(self, k: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
