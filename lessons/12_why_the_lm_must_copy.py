@@ -20,9 +20,9 @@ What it teaches
   training documents are mostly noise to it. The demo trains the gates at 20x; lesson 13.)
 
 Setup, stated plainly. The full form needs the demo's run (vision.pt, lm.pt, flamingo.pt, eval.json:
-`python -m miniflamingo demo`); it pretrains the second LM (1400 steps) and trains a Flamingo on it
-(1300 steps), about 9 minutes on 2 cores. --quick uses random parts and a few steps: it checks the
-mechanism of part 1 and that the pipeline of part 2 runs, not what it learns.
+`python -m miniflamingo demo`); it pretrains the second LM (the demo's recipe, 900 steps) and trains a
+Flamingo on it (1300 steps), about 7 minutes on 2 cores. --quick uses random parts and a few steps: it
+checks the mechanism of part 1 and that the pipeline of part 2 runs, not what it learns.
 
 Paper: section 2.3 (each token attends to one image; the LM's self-attention carries earlier images),
 2.5 and 3.1 (few-shot learning), Table 3 (viii) (the frozen LM).

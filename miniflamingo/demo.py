@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,12 +43,14 @@ FULL = {
     # 5-way binding 82% -> 93%, 2-way 92% -> 96%, novel shapes 85% / 53% -> 81% / 53%. 700 steps gave
     # 98% / 96% but novel 71% / 48% and ran past the LM (the demo took 609 s).
     "vision": ["--steps", "550", "--n-train", "40000"],
-    # The LM is the longest stage before Flamingo's (~320-350 s on session 10's machine): its held-out loss
-    # and binding probe every 200 steps instead of 100 save ~12 s and change nothing it learns (the probe
-    # runs without gradients; each batch is a function of the step alone). Not smaller batches: 24 windows a
-    # step instead of 32 (~80 s less) moved the binding jump late (session 11: seed 0's probe 44% at step
-    # 1400, seed 1's 86%; with 32, 92% and 98% by step 900).
-    "lm": ["--steps", "1400", "--eval-every", "200"],
+    # The LM: smeared keys in its second layer (lm.CausalSelfAttention) moved its binding jump from steps
+    # 900-1200 to 500-600 (seeds 0-3; probe 98-100% at the end of 800- and 1400-step schedules), so it
+    # trains 900 steps instead of 1400 (~120 s less) and finishes before the vision stage; its core then
+    # renders Flamingo's data and helps the vision stage finish (WhenLMDone, below). Held-out loss and
+    # binding probe every 200 steps. Not smaller batches: 24 windows a step instead of 32 moved the plain
+    # LM's jump late (session 11: seed 0's probe 44% at step 1400, seed 1's 86%; with 32, 92% and 98% by
+    # step 900).
+    "lm": ["--steps", "900", "--eval-every", "200"],
     # Gates at 20x the lr (a deviation from the paper, which gives no per-parameter rates): with the
     # paper's rates the tanh gates had opened only to 0.02 / 0.16 after 1300 steps. Same seed-0 parts,
     # 1300 steps, 40 episodes: 5-way 1-shot binding 77.5% -> 90%, 4-shot captions 503 -> 550 CIDEr-D
@@ -79,8 +82,8 @@ QUICK = {
 def start_in_background(name: str, argv: list[str], done: dict, run: Path):
     """Start a stage in a child process, its output going to RUN/NAME_stage.log: (process, start time,
     log path), or None if an earlier run finished it. Stage 1 (vision) and stage 2 (LM) are independent
-    (DESIGN.md 4) and each runs on one thread, where these tiny models are as fast as on two (the LM:
-    22.6k tokens/s on 2 threads, 23.4k on 1), so on 2 cores the demo runs them side by side."""
+    (DESIGN.md 4), so on 2 cores the demo runs them side by side, one thread each: the LM is no faster on
+    two (22.6k tokens/s on 2 threads, 23.4k on 1); the vision stage takes both once the LM is done."""
     if done.get(name):
         print(f"== {name}: done in an earlier run ({done[name]['seconds']:.0f} s), skipped", flush=True)
         return None
@@ -126,6 +129,46 @@ def final_binding_probe(log_path: Path) -> float:
     return probes[-1]
 
 
+class WhenLMDone:
+    """The vision stage's on_step hook, for when the LM finishes first (it does, with the demo's 900 LM
+    steps): its core is free then, so a thread renders Flamingo's training data (train.render_data: no
+    model needed; ~17 s) while the vision stage trains, and once that is done the vision stage takes all
+    `threads` (a tiny vision step on 1 / 2 threads: 0.47 / 0.33 s, same losses). Rendering holds the GIL
+    only between numpy calls, and the vision step spends its time in torch ops, which release it."""
+
+    def __init__(self, job, train_argv: list[str], threads: int):
+        self.job, self.train_argv, self.threads = job, train_argv, threads
+        self.thread: threading.Thread | None = None
+        self.rendered: dict | None = None
+        self.error: BaseException | None = None
+        self.raised = False
+
+    def render(self) -> None:
+        try:
+            self.rendered = train.render_data(self.train_argv)
+        except BaseException as e:  # re-raised in the main thread by result()
+            self.error = e
+
+    def __call__(self, step: int) -> None:
+        if self.raised or (self.job is not None and self.job[0].poll() is None):  # poll: one waitpid
+            return
+        if self.thread is None:
+            self.thread = threading.Thread(target=self.render, name="render-flamingo-data", daemon=True)
+            self.thread.start()
+        elif not self.thread.is_alive():
+            torch.set_num_threads(self.threads)
+            self.raised = True
+
+    def result(self) -> dict | None:
+        """render_data's result once the thread is done (waiting for it), or None if it never started."""
+        if self.thread is None:
+            return None
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.rendered
+
+
 def run_stage(name: str, fn, argv: list[str], done: dict, state_path: Path, **kwargs) -> None:
     if done.get(name):
         print(f"== {name}: done in an earlier run ({done[name]['seconds']:.0f} s), skipped", flush=True)
@@ -163,13 +206,19 @@ def main(argv: list[str] | None = None) -> int:
     lm_job = start_in_background("lm", ["pretrain-lm", *common, "--threads", "1", *budget["lm"]], done, run)
     prepared = None
     try:
+        when_lm_done = WhenLMDone(lm_job, train_argv[1:], threads)
         run_stage("vision", pretrain_vision.main, ["pretrain-vision", *common, *budget["vision"]], done,
-                  state_path)
-        if lm_job is not None and lm_job[0].poll() is None and not done.get("train"):
-            # The vision stage finished first (it is given the LM's time): render and encode Flamingo's
-            # training data on its core now, not after the LM (Flamingo's stage 235 -> 211 s, seed 0).
-            print("== while the LM trains: rendering and encoding Flamingo's training data", flush=True)
-            prepared = train.prepare_data(train_argv[1:])
+                  state_path, on_step=when_lm_done)
+        rendered = when_lm_done.result()
+        lm_running = lm_job is not None and lm_job[0].poll() is None
+        if not done.get("train") and (rendered is not None or lm_running):
+            # Encode Flamingo's training data now, on the vision stage's core: the pixels drawn while it
+            # trained, or, if the LM is still training (a slow machine), rendered here too (Flamingo's
+            # stage 235 -> 211 s, seed 0, when the LM was the longer stage).
+            print("== encoding Flamingo's training data" + ("" if rendered else " (rendered now: the LM still"
+                                                              " trains)"), flush=True)
+            prepared = train.prepare_data(train_argv[1:], rendered)
+            del rendered
         finish_background("lm", lm_job, done, state_path)
     finally:
         if lm_job is not None and lm_job[0].poll() is None:  # interrupted: do not leave it running
@@ -179,11 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== LM binding probe: 5-way, fresh made-up words, images as slots: {acc:.0%} (chance 20%)",
           flush=True)
     if acc < 0.5 and not args.quick:
-        # Binding appears in the LM as a jump after about 1000 steps (README, "The demo"); a run that
+        # Binding appears in the LM as a jump after about 500 steps (README, "The demo"); a run that
         # missed it still trains, since captions and questions need only each token's own image.
         print("   The frozen LM does not bind words in context, so Flamingo will not learn few-shot binding"
               " on top of it (captioning and VQA still can). Pretrain the LM longer: python -m miniflamingo"
-              f" pretrain-lm --run {run} --steps 2500 (after deleting {run}/lm.pt), then rerun the demo.",
+              f" pretrain-lm --run {run} --steps 1500 (after deleting {run}/lm.pt), then rerun the demo.",
               flush=True)
     done["lm_probe"] = acc
 

@@ -8,9 +8,10 @@ Notable features
   did not in minutes), and few-shot binding in Flamingo rests on the frozen LM copying in context
   (DESIGN.md 5). Being relative, they also make left padding harmless: with `key_mask` a left-padded
   row gives its real tokens exactly the logits of the unpadded row.
-- Optional smeared keys (`lm.smear_keys`, off in every preset): each head's key mixes in the previous
-  position's key with a learned weight (Olsson et al. 2022), so one layer can copy what followed a match.
-  The tiny LM learned in-context binding three times sooner with them, but not as well (see the class).
+- Smeared keys (`lm.smear_keys`, the tiny preset only, a deviation): in every layer but the first, each
+  head's key mixes in the previous position's key with a learned weight (Olsson et al. 2022), so a layer
+  can copy what followed a match; the tiny LM learns in-context binding about twice as soon. The paper's
+  presets keep plain keys.
 - `before_block(i, x)` hook on the residual stream: Flamingo inserts its GATED XATTN-DENSE layers there
   (paper 2.2) without copying this file.
 - `inputs_embeds` instead of `idx`, so Flamingo can swap in trainable embeddings for the tokens it adds.
@@ -123,21 +124,24 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: LMConfig):
+    def __init__(self, cfg: LMConfig, layer: int = 0):
         super().__init__()
         self.n_head, self.d_head, self.dropout = cfg.n_head, cfg.d_head, cfg.dropout
         self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # q, k, v in one matmul
         self.c_proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.c_proj.residual = True  # scaled init, see GPT._init_weights
-        # Smeared keys (Olsson et al. 2022): head h's key at j is s_h k_j + (1 - s_h) k_{j-1}, with
-        # s_h = sigmoid(smear_h) learned, 0.5 at init. Binding words to images in context is an induction
-        # pattern: the query's slot must find the key of the word AFTER the matching support slot, which a
-        # plain key only carries once an earlier layer has copied the previous token into it; with the
-        # previous key mixed in, one layer can do it. On the tiny LM the binding probe left chance three
-        # times sooner, but stalled at 82-86% (99% without): made-up words sharing a first token get their
-        # second token from the wrong word (docs/EXPERIMENTS.md, "The LM stage"). So no preset uses it.
+        # Smeared keys (Olsson et al. 2022), in every layer but the first: head h's key at j is
+        # s_h k_j + (1 - s_h) k_{j-1}, s_h = sigmoid(smear_h) learned, 0.5 at init. Binding words to images
+        # in context is an induction pattern: the query's slot must find the key of the word AFTER the
+        # matching support slot, which a plain key only carries once an earlier layer has copied the
+        # previous token into it. With the previous key mixed in, the tiny LM's 5-way binding probe jumped
+        # at step 500 instead of 900-1200 (seeds 0-3; docs/EXPERIMENTS.md, "The LM stage"). Not in the
+        # first layer: smearing there too, the LM bound the first token of a made-up word by its slot but
+        # copied the second from whichever support word began the same way (one token of context), and
+        # stalled at 82-86%; with the first layer plain, its heads give the later layer's keys and queries
+        # the token before, so the second token is copied from the word that follows the matching slot.
         # torch.zeros, not empty: the GPT init touches only Linear and Embedding weights.
-        self.smear = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.smear_keys else None
+        self.smear = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.smear_keys and layer > 0 else None
 
     def smear_keys(self, k: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """k (B, nh, Lk, hs), all keys from position 0 -> the smeared keys. The key before position 0, and
@@ -184,10 +188,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, cfg: LMConfig):
+    def __init__(self, cfg: LMConfig, layer: int = 0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.d_model)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, layer)
         self.ln_2 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
@@ -208,7 +212,7 @@ class GPT(nn.Module):
         # _weight skips nn.Embedding's own normal_ init (ours follows): on the meta device that call alone
         # imports torch._dynamo, a second of CPU time.
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_weights:

@@ -244,8 +244,9 @@ def make_optimizer(model: ContrastiveModel, lr: float, weight_decay: float) -> t
 
 def train(model, opt, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, args, log, start_step=0,
           start_elapsed=0.0, on_checkpoint=None, neighbours=None, on_eval=None,
-          partners=None) -> tuple[int, float]:
-    """The loop: AdamW, warmup + cosine, AGC on the encoders. Stops after args.steps or args.seconds."""
+          partners=None, on_step=None) -> tuple[int, float]:
+    """The loop: AdamW, warmup + cosine, AGC on the encoders. Stops after args.steps or args.seconds.
+    on_step(step), if given, runs after every optimizer step (the demo raises the thread count there)."""
     model.train()
     clipped = model.clipped_parameters()
     step, t0 = start_step, time.perf_counter() - start_elapsed
@@ -270,6 +271,8 @@ def train(model, opt, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tenso
         n_clip = adaptive_grad_clip(clipped, args.agc, eps=1e-3) if args.agc > 0 else 0
         opt.step()
         step += 1
+        if on_step is not None:
+            on_step(step)
         if step % args.log_every == 0 or step == 1:
             rec = {"step": step, "loss": round(loss.item(), 4), "inv_temp": round(model.inv_temp().item(), 2),
                    "lr": round(opt.param_groups[0]["lr"], 6), "agc_clipped": n_clip,
@@ -310,7 +313,8 @@ def load_data(args, image_size: int) -> dict:
             "colours": list(W.COLOURS), "shapes": list(W.SHAPES)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, on_step=None) -> int:
+    """The command. on_step(step): called after every training step (see `train`)."""
     ap = argparse.ArgumentParser(
         prog="python -m miniflamingo pretrain-vision",
         description="Contrastive image-text pretraining of the vision encoder (Flamingo App. B.1.3). "
@@ -421,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
 
     neighbours = one_word_neighbours([p["caption"] for p in train_pairs]) if args.hard_fraction > 0 else None
     step, elapsed = train(model, opt, images, ids, mask, args, log, step, elapsed, checkpoint, neighbours,
-                          interim_eval, partners=data["partners"])
+                          interim_eval, partners=data["partners"], on_step=on_step)
     metrics = held_out()
     metrics = {"step": step, "train_seconds": round(elapsed, 1), **metrics}
     checkpoint(step, elapsed, opt, metrics)

@@ -81,19 +81,12 @@ def build_model(cfg: FlamingoConfig, run: Path, vision_path=None, lm_path=None) 
     return model
 
 
-def world_data(vision, image_size: int, tok, args) -> dict[str, DocumentDataset]:
-    """The synthetic world's three datasets, with every media replaced by its frozen features."""
-    from miniflamingo.world import World
-
-    world = World(seed=args.world_seed, image_size=image_size)
+def world_data(vision, image_size: int, tok, args,
+               rendered: dict | None = None) -> dict[str, DocumentDataset]:
+    """The synthetic world's three datasets, with every media replaced by its frozen features. rendered:
+    render_world's result for these args, or None: render here."""
     t0 = time.perf_counter()
-    data = {
-        "interleaved": DocumentDataset.from_documents(
-            world.documents(args.docs, seed=args.seed, families=args.family_weights,
-                            blob_binding=args.blob_binding), tok),
-        "image_text": DocumentDataset.from_pairs(world.image_text_pairs(args.pairs, seed=args.seed), tok),
-        "video_text": DocumentDataset.from_pairs(world.video_text_pairs(args.videos, seed=args.seed), tok),
-    }  # split "train" (the default): held-out images, combinations and novel shapes never appear
+    data = render_world(image_size, tok, args) if rendered is None else rendered
     t1 = time.perf_counter()
     # Encoded on one thread: on 2 threads some batches came out a few ulps apart from 1 thread's (max
     # 5e-7), and a run must not depend on who encoded its data (the demo, on the one core the LM leaves
@@ -104,17 +97,43 @@ def world_data(vision, image_size: int, tok, args) -> dict[str, DocumentDataset]
         data = {name: d.with_features(vision) for name, d in data.items()}  # encoder frozen: encode once
     finally:
         torch.set_num_threads(threads)
-    log(f"data: {args.docs} documents, {args.pairs} image-text pairs, {args.videos} videos rendered in "
-        f"{t1 - t0:.1f} s, encoded by the frozen vision encoder in {time.perf_counter() - t1:.1f} s")
+    log(f"data: {args.docs} documents, {args.pairs} image-text pairs, {args.videos} videos "
+        f"{'rendered in %.1f s' % (t1 - t0) if rendered is None else 'rendered earlier'}, encoded by the "
+        f"frozen vision encoder in {time.perf_counter() - t1:.1f} s")
     return data
 
 
-def prepare_data(argv: list[str]) -> dict:
+def render_world(image_size: int, tok, args) -> dict[str, DocumentDataset]:
+    """The synthetic world's three datasets, in pixels: no model needed, so the demo renders them while the
+    vision stage still trains."""
+    from miniflamingo.world import World
+
+    world = World(seed=args.world_seed, image_size=image_size)
+    return {
+        "interleaved": DocumentDataset.from_documents(
+            world.documents(args.docs, seed=args.seed, families=args.family_weights,
+                            blob_binding=args.blob_binding), tok),
+        "image_text": DocumentDataset.from_pairs(world.image_text_pairs(args.pairs, seed=args.seed), tok),
+        "video_text": DocumentDataset.from_pairs(world.video_text_pairs(args.videos, seed=args.seed), tok),
+    }  # split "train" (the default): held-out images, combinations and novel shapes never appear
+
+
+def render_data(argv: list[str]) -> dict:
+    """render_world for a `train` command line: the first half of prepare_data, which needs no checkpoint."""
+    from miniflamingo.tokenizer import Tokenizer
+
+    args, overrides = parse_args(argv)
+    cfg = FlamingoConfig.preset(args.preset).override(overrides)
+    return {"argv": list(argv), "data": render_world(cfg.vision.image_size, Tokenizer.default(), args)}
+
+
+def prepare_data(argv: list[str], rendered: dict | None = None) -> dict:
     """world_data for a `train` command line, before stage 2 has finished: it needs only the vision
-    checkpoint and the tokenizer. The demo calls it on the core that the vision stage frees while the LM
-    still trains on the other, then passes it to main(argv, prepared=...), which uses it only for the very
-    same command line. The features are bit-identical to main's own (both encode on one thread), so a run
-    is the same either way."""
+    checkpoint and the tokenizer. The demo calls it on a core that a finished stage frees (with the
+    pixels that render_data drew meanwhile, when the LM finished first), then passes it to
+    main(argv, prepared=...), which uses it only for the very same command line. The features are
+    bit-identical to main's own (both encode on one thread), so a run is the same either way. rendered:
+    render_data's result for the same argv, or None: render here."""
     from miniflamingo.tokenizer import Tokenizer
     from miniflamingo.vision import VisionEncoder
 
@@ -123,7 +142,10 @@ def prepare_data(argv: list[str]) -> dict:
     vision = VisionEncoder(cfg.vision)
     vision.load_state_dict(load_part("vision", Path(args.vision or Path(args.run) / "vision.pt"), cfg.vision))
     vision.requires_grad_(False).eval()
-    return {"argv": list(argv), "data": world_data(vision, cfg.vision.image_size, Tokenizer.default(), args)}
+    if rendered is not None and rendered["argv"] != list(argv):
+        raise ValueError(f"rendered for {rendered['argv']}, not for {list(argv)}")
+    return {"argv": list(argv), "data": world_data(vision, cfg.vision.image_size, Tokenizer.default(), args,
+                                                   None if rendered is None else rendered["data"])}
 
 
 def world_sources(data: dict[str, DocumentDataset], cfg: FlamingoConfig, args,

@@ -29,7 +29,8 @@ def tiny_gpt(pos="alibi", **kw) -> GPT:
     gpt = GPT(tiny_cfg(pos.removesuffix("+smear"), smear_keys=smear, **kw)).eval()
     if smear:
         with torch.no_grad():
-            for blk in gpt.blocks:
+            assert gpt.blocks[0].attn.smear is None, "the first layer keeps plain keys"
+            for blk in gpt.blocks[1:]:
                 blk.attn.smear.normal_(0, 2)  # each head its own mix of k_j and k_{j-1}
     return gpt
 
@@ -54,7 +55,7 @@ def reference_forward(gpt: GPT, idx: torch.Tensor) -> torch.Tensor:
     B, L = idx.shape
     nh, hs = cfg.n_head, cfg.d_head
     x = gpt.wte.weight[idx]
-    for blk in gpt.blocks:
+    for layer, blk in enumerate(gpt.blocks):
         h = F.layer_norm(x, (cfg.d_model,), blk.ln_1.weight, blk.ln_1.bias)
         qkv = h @ blk.attn.c_attn.weight.T + blk.attn.c_attn.bias
         q, k, v = (t.reshape(B, L, nh, hs).permute(0, 2, 1, 3) for t in qkv.chunk(3, dim=-1))
@@ -67,7 +68,7 @@ def reference_forward(gpt: GPT, idx: torch.Tensor) -> torch.Tensor:
                 return torch.cat([z.real, z.imag], dim=-1)
 
             q, k = rotate(q), rotate(k)
-        if cfg.smear_keys:  # Olsson et al. 2022: s_h k_j + (1 - s_h) k_{j-1}, no key before position 0
+        if cfg.smear_keys and layer > 0:  # Olsson et al.: s_h k_j + (1 - s_h) k_{j-1}, none before j = 0
             s = torch.sigmoid(blk.attn.smear)
             k = torch.stack([s[hd] * k[:, hd, j] + (1 - s[hd]) * (k[:, hd, j - 1] if j else 0)
                              for hd in range(nh) for j in range(L)], dim=1).view(B, nh, L, hs)

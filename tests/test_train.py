@@ -175,11 +175,14 @@ def test_resume_with_other_optimizer_groups_fails_clearly(tmp_path):
 def test_prepared_data_trains_exactly_as_main_own(tmp_path, monkeypatch):
     """The demo renders and encodes while the LM still trains (prepare_data, the vision checkpoint alone)
     and hands that to main: the run must end bit-identical to main encoding on its own (inside the
-    Flamingo, its step on 2 threads). Another command line must not use it."""
+    Flamingo, its step on 2 threads), also when the pixels were drawn earlier, in another thread (the
+    demo's render_data while the vision stage trains). Another command line must not use it."""
+    import threading
+
     from miniflamingo import train as train_mod
 
     states, real, threads = {}, train_mod.world_data, torch.get_num_threads()
-    for name in ("own", "prepared", "other"):
+    for name in ("own", "prepared", "rendered", "other"):
         run = tmp_path / name
         run.mkdir()
         pretrained_stand_ins(run)
@@ -187,15 +190,26 @@ def test_prepared_data_trains_exactly_as_main_own(tmp_path, monkeypatch):
         prepared = None
         if name != "own":
             torch.set_num_threads(1)
-            prepared = train_mod.prepare_data(argv if name == "prepared" else [*argv, "--docs", "12"])
+            rendered = None
+            if name == "rendered":
+                box = {}
+                draw = lambda box=box, argv=argv: box.update(r=train_mod.render_data(argv))  # noqa: E731
+                drawer = threading.Thread(target=draw)
+                drawer.start()
+                drawer.join()
+                rendered = box["r"]
+                with pytest.raises(ValueError, match="rendered for"):
+                    train_mod.prepare_data([*argv, "--docs", "12"], rendered)
+            prepared = train_mod.prepare_data(argv if name != "other" else [*argv, "--docs", "12"], rendered)
         torch.set_num_threads(2)  # the step itself, unlike the encoder, may round otherwise on 1 thread
         calls = []
         monkeypatch.setattr(train_mod, "world_data", lambda *a, calls=calls: calls.append(1) or real(*a))
         assert train_mod.main(argv, prepared=prepared) == 0
         torch.set_num_threads(threads)
-        assert len(calls) == (0 if name == "prepared" else 1)  # used only for the very same command line
+        assert len(calls) == (1 if name in ("own", "other") else 0)  # used only for the very same argv
         states[name] = trained_state(run)
     assert_same(states["own"], states["prepared"])
+    assert_same(states["own"], states["rendered"])
     assert_same(states["own"], states["other"])
 
 
