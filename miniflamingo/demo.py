@@ -160,13 +160,16 @@ class WhenLMDone:
             self.raised = True
 
     def result(self) -> dict | None:
-        """render_data's result once the thread is done (waiting for it), or None if it never started."""
+        """render_data's result once the thread is done (waiting for it), or None if it never started.
+        Handed over, not kept: the hook outlives the vision stage, and the pixels must not stay in memory
+        beside their features through Flamingo's training."""
         if self.thread is None:
             return None
         self.thread.join()
         if self.error is not None:
             raise self.error
-        return self.rendered
+        rendered, self.rendered = self.rendered, None
+        return rendered
 
 
 def run_stage(name: str, fn, argv: list[str], done: dict, state_path: Path, **kwargs) -> None:
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             print("== encoding Flamingo's training data" + ("" if rendered else " (rendered now: the LM still"
                                                               " trains)"), flush=True)
             prepared = train.prepare_data(train_argv[1:], rendered)
-            del rendered
+        del rendered  # the features replace the pixels
         finish_background("lm", lm_job, done, state_path)
     finally:
         if lm_job is not None and lm_job[0].poll() is None:  # interrupted: do not leave it running

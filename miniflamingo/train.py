@@ -137,13 +137,13 @@ def prepare_data(argv: list[str], rendered: dict | None = None) -> dict:
     from miniflamingo.tokenizer import Tokenizer
     from miniflamingo.vision import VisionEncoder
 
+    if rendered is not None and rendered["argv"] != list(argv):  # before loading anything
+        raise ValueError(f"rendered for {rendered['argv']}, not for {list(argv)}")
     args, overrides = parse_args(argv)
     cfg = FlamingoConfig.preset(args.preset).override(overrides)
     vision = VisionEncoder(cfg.vision)
     vision.load_state_dict(load_part("vision", Path(args.vision or Path(args.run) / "vision.pt"), cfg.vision))
     vision.requires_grad_(False).eval()
-    if rendered is not None and rendered["argv"] != list(argv):
-        raise ValueError(f"rendered for {rendered['argv']}, not for {list(argv)}")
     return {"argv": list(argv), "data": world_data(vision, cfg.vision.image_size, Tokenizer.default(), args,
                                                    None if rendered is None else rendered["data"])}
 

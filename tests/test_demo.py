@@ -55,3 +55,49 @@ def test_demo_seeds_summarises_runs_and_names_a_missing_eval(tmp_path, capsys):
     assert rows == [["vqa", "0", "60.0", "50.0-70.0", "25.0"]]
     with pytest.raises(SystemExit, match="no eval.json"):
         demo_seeds.main([str(tmp_path)])
+
+
+def test_when_lm_done_renders_once_the_lm_ends_then_raises_threads_and_hands_the_pixels_over(tmp_path):
+    """The vision stage's hook (demo.WhenLMDone): nothing while the LM's process runs; once it has ended,
+    Flamingo's data is rendered in a thread (the same as train.render_data), the thread count is raised
+    only after that, and result() hands the pixels over without keeping them."""
+    import threading
+
+    import torch
+
+    from miniflamingo import demo as demo_mod
+    from miniflamingo import train as train_mod
+
+    class Job:  # what start_in_background returns: (process, start time, log path)
+        code = None
+
+        def poll(self):
+            return self.code
+
+    proc = Job()
+    argv = ["--run", str(tmp_path), "--docs", "6", "--pairs", "4", "--videos", "2"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        hook = demo_mod.WhenLMDone((proc, 0.0, None), argv, threads=2)
+        hook(1)
+        assert hook.thread is None and torch.get_num_threads() == 1, "acted while the LM still trains"
+        proc.code = 0
+        hook(2)
+        assert isinstance(hook.thread, threading.Thread)
+        hook.thread.join()
+        hook(3)
+        assert torch.get_num_threads() == 2 and hook.raised
+        rendered = hook.result()
+        assert hook.rendered is None, "the hook kept the pixels"
+        expected = train_mod.render_data(argv)
+        assert rendered["argv"] == expected["argv"] == argv
+        for name, d in expected["data"].items():
+            got = rendered["data"][name]
+            assert got.texts == d.texts, name
+            pairs = [(a, b) for ma, mb in zip(got.media, d.media) for a, b in zip(ma, mb)]
+            same = [(a is None and b is None) or torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+                    for a, b in pairs]
+            assert pairs and all(same), name
+    finally:
+        torch.set_num_threads(threads)
