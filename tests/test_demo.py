@@ -101,3 +101,27 @@ def test_when_lm_done_renders_once_the_lm_ends_then_raises_threads_and_hands_the
             assert pairs and all(same), name
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux /proc smaps_rollup")
+def test_tree_memory_sums_the_command_and_its_children(tmp_path, capsys):
+    """benchmarks/tree_memory.py, which README's memory figure comes from: a parent holding 400 MiB while
+    its child holds 200 MiB must peak above 600 MiB in all (`time -v` would say about 400), and the
+    child's process must appear in the peak's breakdown."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tree_memory", ROOT / "benchmarks" / "tree_memory.py")
+    tree_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tree_memory)
+    child = "import time; b = bytearray(200 * 2**20); time.sleep(1.5)"
+    parent = (f"import subprocess, sys; a = bytearray(400 * 2**20); "
+              f"subprocess.run([sys.executable, '-c', {child!r}], check=True)")
+    out = tmp_path / "samples.jsonl"
+    assert tree_memory.main(["--every", "0.1", "--out", str(out), "--", sys.executable, "-c", parent]) == 0
+    err = capsys.readouterr().err
+    peak = float(err.split("peak PSS of the process tree ")[1].split(" GiB")[0])
+    assert 600 / 1024 < peak < 1.2, err
+    breakdown = err.split("peak RSS of each process")[0]
+    assert breakdown.count("GiB") == 3 and "bytearray(200" in breakdown, err  # total, parent, child
+    assert len(out.read_text().splitlines()) > 5
+    assert tree_memory.main(["--", sys.executable, "-c", "raise SystemExit(3)"]) == 3
