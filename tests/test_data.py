@@ -252,6 +252,20 @@ def test_cached_features_equal_encoding_the_batch():
     expect = encoder(pixels.flatten(0, 2)).view(B, T, Fr, 4, 3)  # (B, T, F, S, Dv)
     torch.testing.assert_close(feats, expect)
 
+    # batches encoded by 3 threads side by side, finishing out of order: each media keeps its own features
+    import random
+    import time
+
+    def slow_encoder(x):
+        time.sleep(random.random() * 0.02)
+        return encoder(x)
+
+    for batch_size in (1, 2, 4):
+        threaded = data.with_features(slow_encoder, batch_size=batch_size, workers=3)
+        for ms, ms_t in zip(cached.media, threaded.media):
+            for m, m_t in zip(ms, ms_t):
+                assert (m is None) == (m_t is None) and (m is None or torch.equal(m, m_t))
+
 
 # ----------------------------------------------------------------------------- the mixture sampler
 
