@@ -262,3 +262,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's freed pages back to the OS (glibc's malloc_trim); True if it ran, False where the C
+    library has no malloc_trim (macOS, musl). Why: rendering and encoding the world allocate hundreds of
+    thousands of small arrays and batch-sized buffers, and glibc keeps what they free mapped, in one arena
+    per thread, so the process's resident memory stays at its peak for the rest of the run. Measured on the
+    demo's Flamingo data (render, then encode on 2 threads): 2.10 GiB resident after encoding, 0.63 GiB
+    after the trim (1.46 GiB when encoded on one thread, untrimmed)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return False
+    trim(0)
+    return True

@@ -358,3 +358,16 @@ def test_size_twins_on_the_world_and_errors(tmp_path, capsys):
         with pytest.raises(SystemExit):
             P.main([*argv, *extra])
         assert message in capsys.readouterr().err
+
+
+def test_images_to_tensor_is_the_channels_first_stack_and_names_a_bad_image():
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (5, 7, 3), dtype=np.uint8) for _ in range(4)]
+    x = P.images_to_tensor(imgs)
+    assert x.dtype == torch.uint8 and torch.equal(x, torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2))
+    with pytest.raises(ValueError, match=r"image 2 is \(7, 5, 3\)"):
+        P.images_to_tensor(imgs[:2] + [imgs[2].transpose(1, 0, 2)])
+    with pytest.raises(ValueError, match=r"image 1 is \(5, 7, 3\) float"):
+        P.images_to_tensor([imgs[0], imgs[1].astype(np.float32)])
+    with pytest.raises(ValueError, match="at least one"):
+        P.images_to_tensor([])
