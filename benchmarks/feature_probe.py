@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from miniflamingo.config import FlamingoConfig  # noqa: E402
 from miniflamingo.pretrain_vision import images_to_tensor  # noqa: E402
-from miniflamingo.train import load_part  # noqa: E402
 from miniflamingo.trainutil import load_checkpoint  # noqa: E402
 from miniflamingo.vision import VisionEncoder  # noqa: E402
 from miniflamingo.world import World  # noqa: E402
@@ -70,11 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfgs = {}
+    cfgs, states = {}, {}
     for path in args.checkpoints:
         if not Path(path).is_file():
             raise SystemExit(f"feature_probe: {path} not found")
-        cfgs[path] = FlamingoConfig.from_dict({"vision": load_checkpoint(path)["config"]}).vision
+        state = load_checkpoint(path)  # read once: its config here, its weights below
+        cfgs[path] = FlamingoConfig.from_dict({"vision": state["config"]}).vision
+        states[path] = state["model"]
     sizes = {c.image_size for c in cfgs.values()}
     if len(sizes) != 1:
         raise SystemExit(f"feature_probe: the checkpoints take different image sizes {sorted(sizes)}")
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
           "1-NN shape confusions")
     for path, cfg in cfgs.items():
         encoder = VisionEncoder(cfg)
-        encoder.load_state_dict(load_part("vision", Path(path), cfg))
+        encoder.load_state_dict(states.pop(path))
         encoder.eval()
         a, b = pooled(encoder, train[0]), pooled(encoder, test[0])
         s_lin, s_nn, conf = probes(a, train[1], b, test[1])

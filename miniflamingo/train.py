@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
         data = prepared["data"]
     else:  # encodes the world's media: before any sharding
         data = world_data(model.vision, cfg.vision.image_size, tok, args)
-    release_freed_memory()  # the pixels are gone by now (the demo's too): ~1.5 GB less through training
+    release_freed_memory()  # the pixels are gone by now (the demo's too): 1.9-2.1 -> 1.4-1.5 GiB in training
     sampler = MixtureSampler(world_sources(data, cfg, args, weights), seed=args.seed, rank=rank,
                              world_size=world_size)
     n = model.param_counts()
