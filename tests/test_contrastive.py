@@ -211,6 +211,48 @@ def test_text_encoder_ignores_padding():
         enc(torch.zeros(2, L, dtype=torch.long), torch.ones(2, L, dtype=torch.bool))
 
 
+def padded_text_reference(enc: C.TextEncoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The text tower computed the plain way, every row padded to L (what the tower did before it packed
+    the real tokens): attention by hand with padding keys at -inf, the mean over real tokens."""
+    B, L = ids.shape
+    x = enc.wte(ids) + enc.wpe(torch.arange(L))
+    for blk in enc.blocks:
+        D, nh = x.shape[-1], blk.n_head
+        q, k, v = (t.view(B, L, nh, D // nh).transpose(1, 2) for t in blk.qkv(blk.ln1(x)).split(D, dim=2))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(D // nh)
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, L, D)
+        x = x + blk.proj(y)
+        x = x + blk.mlp(blk.ln2(x))
+    x = enc.ln_f(x)
+    return torch.stack([x[b, mask[b]].mean(0) for b in range(B)])
+
+
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.integers(1, 9), min_size=1, max_size=6), pad=st.integers(0, 3),
+       seed=st.integers(0, 2**16))
+def test_text_encoder_packs_real_tokens_like_the_padded_reference(lengths, pad, seed):
+    """Oracle: the packed tower equals the padded one on ragged batches (values and gradients), padding
+    ids do not matter, and a row without real tokens is an error naming it."""
+    torch.manual_seed(seed)
+    cfg = C.ContrastiveConfig(vocab_size=50, d_model=32, n_head=4, max_len=16)
+    enc = C.TextEncoder(cfg)
+    L = max(lengths) + pad
+    ids = torch.randint(0, 50, (len(lengths), L))
+    mask = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
+    got = enc(ids, mask)
+    want = padded_text_reference(enc, ids, mask)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    g_got = torch.autograd.grad(got.square().sum(), list(enc.parameters()), allow_unused=True)
+    g_want = torch.autograd.grad(want.square().sum(), list(enc.parameters()), allow_unused=True)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    other = torch.where(mask, ids, torch.randint(0, 50, ids.shape))  # change only the padding's ids
+    torch.testing.assert_close(enc(other, mask), got)
+    with pytest.raises(ValueError, match=r"rows \[0\] of mask"):
+        enc(ids, torch.cat([torch.zeros(1, L, dtype=torch.bool), mask[1:]]))
+
+
 def test_encode_texts_pads_with_eot_and_rejects_long_captions():
     tok = Tokenizer.default()
     ids, mask = P.encode_texts(tok, ["a red circle", "a small blue square at the top left"], 64)
