@@ -16,7 +16,7 @@ What it teaches
   It needs a trained model: the demo's, if you have run `python -m miniflamingo demo` (runs/demo).
 
 Setup, stated plainly. The vision encoder is the tiny NFNet pretrained here contrastively for 120 steps
-on 2000 of the world's image-text pairs (about 45 s; the demo trains 550 steps on 40000), enough for
+on 2000 of the world's image-text pairs (about 45 s; the demo trains 1100 steps of 64 on 40000), enough for
 colour, not yet for shape. The prompts are shown with an untrained Flamingo: their token layout does not
 depend on training.
 
