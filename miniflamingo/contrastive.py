@@ -81,9 +81,9 @@ class TextEncoder(nn.Module):
     """ids (B, L) long, mask (B, L) bool (True = real token) -> mean-pooled features (B, Dt).
 
     Unpadded: the blocks see only the real tokens, packed (the "varlen" layout of BERT-style encoders
-    and FlashAttention). The world's captions average 23 tokens with batches padded to 46, so the
-    padded tower spent about half its work on padding (the vision stage's text tower: 1.5x faster,
-    benchmarks/vision_layout.py). The function is the padded one's: tests/test_contrastive.py checks it
+    and FlashAttention). The world's captions average 24 tokens with batches padded to about 44, so the
+    padded tower spent about half its work on padding (forward + backward 1.68x faster packed, batch
+    128: benchmarks/vision_step.py). The function is the padded one's: tests/test_contrastive.py checks it
     against a padded reference."""
 
     def __init__(self, cfg: ContrastiveConfig):

@@ -168,9 +168,9 @@ class VisionEncoder(nn.Module):
         # Flamingo drops it (num_classes = 0) and keeps the grid of features.
         self.head = nn.Linear(cfg.final_width, cfg.num_classes) if cfg.num_classes > 0 else None
         # Channels-last (NHWC) weights and activations: oneDNN's CPU convolutions run faster on them
-        # (tiny encoder, batch 128, forward + backward: 1.2x on 1 and 2 threads, benchmarks/vision_layout.py),
-        # as cuDNN's do with tensor cores. Same function up to rounding; the benchmark sets it back to
-        # torch.contiguous_format (weights and self.memory_format) to compare.
+        # (tiny encoder, batch 128, forward + backward: 1.15-1.26x on 1 and 2 threads;
+        # benchmarks/vision_step.py), as cuDNN's do with tensor cores. Same function up to rounding; the
+        # benchmark sets it back to torch.contiguous_format (weights and self.memory_format) to compare.
         self.memory_format = torch.channels_last
         self.to(memory_format=self.memory_format)
 
