@@ -22,10 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from miniflamingo.config import FlamingoConfig  # noqa: E402
 from miniflamingo.pretrain_vision import images_to_tensor  # noqa: E402
-from miniflamingo.trainutil import load_checkpoint  # noqa: E402
-from miniflamingo.vision import VisionEncoder  # noqa: E402
+from miniflamingo.vision import VisionEncoder, load_pretrained  # noqa: E402
 from miniflamingo.world import World  # noqa: E402
 
 
@@ -69,14 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfgs, states = {}, {}
+    encoders = {}
     for path in args.checkpoints:
         if not Path(path).is_file():
             raise SystemExit(f"feature_probe: {path} not found")
-        state = load_checkpoint(path)  # read once: its config here, its weights below
-        cfgs[path] = FlamingoConfig.from_dict({"vision": state["config"]}).vision
-        states[path] = state["model"]
-    sizes = {c.image_size for c in cfgs.values()}
+        encoders[path] = load_pretrained(path)  # each checkpoint read once, in eval mode
+    sizes = {enc.cfg.image_size for enc in encoders.values()}
     if len(sizes) != 1:
         raise SystemExit(f"feature_probe: the checkpoints take different image sizes {sorted(sizes)}")
     world = World(seed=0, image_size=sizes.pop())
@@ -85,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(train[1])} probe-training and {len(test[1])} test images, one object each")
     print(f"{'checkpoint':<40} {'shape lin':>9} {'1-NN':>6} {'colour lin':>10} {'1-NN':>6}  "
           "1-NN shape confusions")
-    for path, cfg in cfgs.items():
-        encoder = VisionEncoder(cfg)
-        encoder.load_state_dict(states.pop(path))
-        encoder.eval()
+    for path, encoder in encoders.items():
         a, b = pooled(encoder, train[0]), pooled(encoder, test[0])
         s_lin, s_nn, conf = probes(a, train[1], b, test[1])
         c_lin, c_nn, _ = probes(a, train[2], b, test[2])
