@@ -138,6 +138,7 @@ class XAttnConfig:
     ff_mult: int = 4
     only_immediate_media: bool = True  # paper default; False attends to all previous media
     gated: bool = True  # tanh gating; False is the paper's "no gating" ablation (Table 3)
+    after_last: bool = False  # one more layer after the last LM block (a deviation: see Flamingo)
 
     def __post_init__(self):
         assert self.every >= 1, f"xattn.every must be >= 1, got {self.every}"
@@ -171,8 +172,9 @@ class FlamingoConfig:
 
     @property
     def n_xattn(self) -> int:
-        """Number of xattn layers: one before blocks 0, every, 2*every, ... < n_layer."""
-        return len(range(0, self.lm.n_layer, self.xattn.every))
+        """Number of xattn layers: one before blocks 0, every, 2*every, ... < n_layer (and one after the
+        last block with xattn.after_last)."""
+        return len(range(0, self.lm.n_layer, self.xattn.every)) + self.xattn.after_last
 
     @classmethod
     def preset(cls, name: str) -> FlamingoConfig:

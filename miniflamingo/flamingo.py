@@ -41,6 +41,9 @@ class Flamingo(nn.Module):
         self.lm = GPT(cfg.lm)
         # One GATED XATTN-DENSE layer before blocks 0, every, 2*every, ... The paper starts at the first
         # block (App. A.1.2 / Fig. 4); open_flamingo starts at block every-1 (cross_attn_every_n_layers).
+        # xattn.after_last (a deviation, off in the paper presets) adds one more after the last block,
+        # last in the list: in the paper's 24-80-block LMs all but the first layer's queries have been
+        # through LM blocks that read the question; in a 2-block LM only one layer's has, through one.
         self.xattn = nn.ModuleList(
             GatedXAttnDense(cfg.xattn, cfg.lm.d_model, cfg.resampler.d_model) for _ in range(cfg.n_xattn)
         )
@@ -132,9 +135,11 @@ class Flamingo(nn.Module):
         """The GPT's before_block(i, x) hook: run the xattn layer that sits before block i, if any."""
         if latents is None:  # no media: every token has phi = 0, and the layers are identities there
             return None
-        every = self.cfg.xattn.every
+        every, n_layer = self.cfg.xattn.every, self.cfg.lm.n_layer
 
         def before_block(i: int, x: torch.Tensor) -> torch.Tensor:
+            if i == n_layer:  # after the last block: the extra layer of xattn.after_last, if any
+                return self.xattn[-1](x, latents, phi, phi_checked=True) if self.cfg.xattn.after_last else x
             return self.xattn[i // every](x, latents, phi, phi_checked=True) if i % every == 0 else x
 
         return before_block

@@ -13,7 +13,8 @@ Notable features
   can copy what followed a match; the tiny LM learns in-context binding about twice as soon. The paper's
   presets keep plain keys.
 - `before_block(i, x)` hook on the residual stream: Flamingo inserts its GATED XATTN-DENSE layers there
-  (paper 2.2) without copying this file.
+  (paper 2.2) without copying this file. It is called before blocks 0 .. n_layer - 1 and once more with
+  i = n_layer, after the last block (before the final LayerNorm).
 - `inputs_embeds` instead of `idx`, so Flamingo can swap in trainable embeddings for the tokens it adds.
 - A KV cache (`new_cache`) for incremental decoding, with `reorder` for beam search.
 - GPT-2 init: normal(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer); optional weight tying.
@@ -269,6 +270,8 @@ class GPT(nn.Module):
             if before_block is not None:
                 x = before_block(i, x)  # Flamingo's gated xattn-dense layers go here (paper 2.2)
             x = block(x, mask, rotary, cache, i, key_mask)
+        if before_block is not None:
+            x = before_block(len(self.blocks), x)  # after the last block: see Flamingo's xattn.after_last
         if cache is not None:
             cache.length += L
         h = self.ln_f(x)  # (B, L, D)

@@ -67,11 +67,13 @@ SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
 
 
 @SETTINGS
-@given(batch=batches())
-def test_closed_gates_give_the_frozen_lm(batch):
-    """Property 1: with both gates at zero, Flamingo's logits are the frozen GPT's, whatever the media."""
+@given(batch=batches(), after_last=st.booleans())
+def test_closed_gates_give_the_frozen_lm(batch, after_last):
+    """Property 1: with both gates at zero, Flamingo's logits are the frozen GPT's, whatever the media
+    (and with the extra layer after the last block, xattn.after_last)."""
     ids, media, _ = batch
-    m = build(open_gates=False)
+    m = build(tiny_cfg(after_last=after_last), open_gates=False)
+    assert len(m.xattn) == 2 + after_last
     logits, _ = m(ids, media)
     assert torch.equal(logits, m.lm(ids)[0])
 
@@ -82,7 +84,7 @@ def test_media_causality_and_text_before_the_first_image(batch, data):
     """Property 2: changing media j changes no logit before the j-th <image> (and does change it there).
     Property 4: positions before the first <image> get the LM's logits, whatever the media."""
     ids, media, n_images = batch
-    m = build()
+    m = build(tiny_cfg(after_last=data.draw(st.booleans())))
     j = data.draw(st.integers(0, media.shape[1] - 1))  # 0-based slot: the (j+1)-th <image>
     other = media.clone()
     other[:, j] = torch.rand_like(other[:, j])
@@ -280,11 +282,11 @@ def reference_greedy(m: Flamingo, ids: torch.Tensor, media: torch.Tensor, n: int
 
 
 @settings(max_examples=8, deadline=None, derandomize=True)
-@given(batch=batches(max_len=8))
-def test_cached_greedy_equals_full_forward_loop(batch):
+@given(batch=batches(max_len=8), after_last=st.booleans())
+def test_cached_greedy_equals_full_forward_loop(batch, after_last):
     """Property 8, batched: every row of the cached batch equals its own uncached loop, then padding."""
     ids, media, _ = batch
-    m = build(peaky=True)
+    m = build(tiny_cfg(after_last=after_last), peaky=True)
     out = m.generate(ids, media, max_new_tokens=6)
     for b in range(ids.shape[0]):
         ref = reference_greedy(m, ids[b: b + 1], media[b: b + 1], 6)

@@ -199,7 +199,8 @@ def test_before_block_called_in_order_and_identity_is_noop():
 
     with torch.no_grad():
         close(gpt(idx, before_block=hook)[0], gpt(idx)[0], "identity before_block")
-        assert calls == [(0, (2, 9, 32)), (1, (2, 9, 32)), (2, (2, 9, 32))]
+        # before each block, then once after the last (index n_layer: Flamingo's xattn.after_last)
+        assert calls == [(0, (2, 9, 32)), (1, (2, 9, 32)), (2, (2, 9, 32)), (3, (2, 9, 32))]
         moved = gpt(idx, before_block=lambda i, x: x + (i == 2))[0]  # the hook's output is used
         assert not torch.allclose(moved, gpt(idx)[0])
 
