@@ -78,6 +78,27 @@ def test_closed_gates_give_the_frozen_lm(batch, after_last):
     assert torch.equal(logits, m.lm(ids)[0])
 
 
+def test_after_last_layer_runs_after_the_last_block():
+    """xattn.after_last: the extra layer is the last of model.xattn and acts after the last LM block: closing
+    its gates alone changes the logits of tokens that see an image, and of no other token; a cached
+    greedy decode goes through it too (property 8 above draws it)."""
+    m = build(tiny_cfg(after_last=True))
+    assert m.cfg.n_xattn == len(m.xattn) == 3
+    ids = torch.tensor([[5, 6, m.cfg.image_id, 7, 8, m.cfg.image_id, 9]])
+    media = torch.rand(1, 2, 1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    logits, _ = m(ids, media)
+    calls = []
+    m.lm.blocks[-1].register_forward_hook(lambda *a: calls.append("block"))
+    m.xattn[-1].register_forward_hook(lambda *a: calls.append("after_last"))
+    m(ids, media)
+    assert calls == ["block", "after_last"]
+    with torch.no_grad():
+        m.xattn[-1].attn_gate.zero_()
+        m.xattn[-1].ff_gate.zero_()
+    changed = (logits - m(ids, media)[0]).abs().amax(dim=-1)[0]  # (L,)
+    assert torch.all(changed[:2] == 0) and torch.all(changed[2:] > 1e-5)
+
+
 @SETTINGS
 @given(batch=batches(), data=st.data())
 def test_media_causality_and_text_before_the_first_image(batch, data):
