@@ -146,7 +146,7 @@ if results_path.is_file():
         fig.savefig(out)
         print(f"saved {out}")
 else:
-    print(f"\nno {results_path}: run `python -m miniflamingo demo` (9-12 minutes on 2 cores) for a trained "
+    print(f"\nno {results_path}: run `python -m miniflamingo demo` (9-13.5 minutes on 2 cores) for a trained "
           "model, then this lesson again to see its few-shot curve")
 print(f"\nOK ({time.perf_counter() - t_start:.0f} s): prompts are documents, zero-shot has two text-only "
       "examples, RICES picks look-alikes and puts the closest last.")

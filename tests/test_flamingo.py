@@ -81,7 +81,7 @@ def test_closed_gates_give_the_frozen_lm(batch, after_last):
 def test_after_last_layer_runs_after_the_last_block():
     """xattn.after_last: the extra layer is the last of model.xattn and acts after the last LM block: closing
     its gates alone changes the logits of tokens that see an image, and of no other token; a cached
-    greedy decode goes through it too (property 8 above draws it)."""
+    greedy decode goes through it too (property 8 below draws it)."""
     m = build(tiny_cfg(after_last=True))
     assert m.cfg.n_xattn == len(m.xattn) == 3
     ids = torch.tensor([[5, 6, m.cfg.image_id, 7, 8, m.cfg.image_id, 9]])
