@@ -38,6 +38,7 @@ from miniflamingo.flamingo import Flamingo
 from miniflamingo.metrics import cider_d, vqa_accuracy
 from miniflamingo.tokenizer import Tokenizer
 from miniflamingo.trainutil import CheckpointError, avoid_cudnn_attention, load_checkpoint
+from miniflamingo.world_render import HELDOUT_COMBOS
 
 # ----------------------------------------------------------------------------- the tasks
 
@@ -67,15 +68,24 @@ N_SAMPLES = 3  # predictions kept per open-ended cell, to read what the model wr
 
 def open_items(world, name: str, n: int, split: str, seed: int) -> list[dict]:
     """Queries ("test") or support pool ("val") of an open-ended task: [{"media", "question" (None for
-    captions), "answer", "references"}]. Held-out combinations take their support from ordinary colour
-    and shape questions, so the support never shows the query's combination."""
+    captions), "answer", "references", "kind", "attrs"}]. Held-out combinations take their support
+    from ordinary colour and shape questions about images that hold none of the held-out combinations
+    (the world bans them from "train" only, so about a quarter of "val" images show one), so the support
+    never shows the query's combination, let alone its answer."""
     if name == "captioning":
         return [{"media": x["image"], "question": None, "answer": x["caption"], "references": x["references"],
                  "kind": None} for x in world.caption_set(n, split, seed)]
-    if name == "vqa" or (name == "heldout_combos" and split != "test"):
-        items = world.vqa_set(3 * n if name == "heldout_combos" else n, split, seed)
-        if name == "heldout_combos":
-            items = [x for x in items if x["kind"] in ("colour", "shape")][:n]
+    if name == "heldout_combos" and split != "test":
+        held_out, drawn = set(HELDOUT_COMBOS), 6 * n  # a third of the questions are colour or shape ones
+        while True:
+            items = [x for x in world.vqa_set(drawn, split, seed) if x["kind"] in ("colour", "shape")
+                     and not any((o["colour"], o["shape"]) in held_out for o in x["attrs"]["objects"])]
+            if len(items) >= n:
+                items = items[:n]
+                break
+            drawn *= 2
+    elif name == "vqa":
+        items = world.vqa_set(n, split, seed)
     elif name == "video_qa":
         # the kind that tells what the model sees: the event (move, colour, grows, shrinks)
         items = [{**x, "image": x["video"], "kind": x["attrs"]["event"]["kind"]}
@@ -85,7 +95,7 @@ def open_items(world, name: str, n: int, split: str, seed: int) -> list[dict]:
     else:
         raise ValueError(f"{name!r} is not an open-ended task")
     return [{"media": x["image"], "question": x["question"], "answer": x["answer"],
-             "references": x["answers"], "kind": x["kind"]} for x in items]
+             "references": x["answers"], "kind": x["kind"], "attrs": x["attrs"]} for x in items]
 
 
 def encoded_open_items(model, world, name: str, n: int, pool_size: int, seed: int, rices: bool = False):

@@ -17,6 +17,7 @@ from miniflamingo import evaluate as ev
 from miniflamingo import fewshot as fs
 from miniflamingo.data import DataError
 from miniflamingo.trainutil import CheckpointError
+from miniflamingo.world_render import HELDOUT_COMBOS
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data_samples" / "captions"
 
@@ -208,6 +209,22 @@ def test_kinds_split_the_total(tok, world):
     assert "kinds" not in r["tasks"]["captioning"]
     text = ev.format_kinds(r)
     assert text.splitlines()[0].startswith("vqa by kind, 0 shots: colour ") and "video_qa by kind" in text
+
+
+def test_heldout_combos_support_never_shows_a_heldout_combination(world):
+    """The held-out combinations' queries each ask about one; their support pool ("val", where the world
+    allows them) holds colour and shape questions about images with none of them, so no example can give
+    a query's answer away (a quarter of "val" images show one: the pool drawn without the filter had 17
+    of 64)."""
+    held_out = set(HELDOUT_COMBOS)
+    shown = lambda x: {(o["colour"], o["shape"]) for o in x["attrs"]["objects"]}  # noqa: E731
+    queries = ev.open_items(world, "heldout_combos", 16, "test", 0)
+    assert all(shown(x) & held_out for x in queries)
+    pool = ev.open_items(world, "heldout_combos", 64, "val", 0)
+    assert len(pool) == 64 and {x["kind"] for x in pool} == {"colour", "shape"}
+    assert not any(shown(x) & held_out for x in pool)
+    unfiltered = [x for x in world.vqa_set(192, "val", 0) if x["kind"] in ("colour", "shape")]
+    assert any(shown(x) & held_out for x in unfiltered)  # so the filter is what keeps them out
 
 
 def test_caption_shots_benchmark_agrees_with_the_eval(run_dir, tok, world, capsys):
