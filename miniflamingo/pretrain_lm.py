@@ -218,12 +218,15 @@ def main(argv: list[str] | None = None) -> int:
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         print(f"resuming from {ckpt_path} at step {step}", file=sys.stderr)
+    last_good = f"{ckpt_path} (step {step})" if step else "none"
     print(f"GPT {cfg.n_layer}x{cfg.d_model} ({cfg.pos}): {model.num_params() / 1e6:.2f}M parameters; "
           f"{dtype} on {device}; batch {args.batch_size} x {args.seq_len}", file=sys.stderr)
 
     def checkpoint():
+        nonlocal last_good
         save_checkpoint(ckpt_path, {"model": model.state_dict(), "config": dataclasses.asdict(cfg),
                                     "step": step, "optimizer": opt.state_dict()})
+        last_good = f"{ckpt_path} (step {step})"
 
     def skills(final: bool = False) -> dict:
         """The in-context skill Flamingo will need: binding on the world's corpus (slots), copying a
@@ -257,14 +260,17 @@ def main(argv: list[str] | None = None) -> int:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        # Checked before the update, so the parameters (and the next checkpoint) are never non-finite.
+        loss, grad_norm = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+        for name, value in (("loss", loss), ("gradient norm", grad_norm)):
+            if not math.isfinite(value):
+                raise SystemExit(f"pretrain-lm: {name} is {value} at step {step + 1} on a batch of {what}; "
+                                 f"last good checkpoint: {last_good}; lower --lr or use --dtype fp32")
         opt.step()
         step += 1
-        loss = loss.item()
-        if not math.isfinite(loss):
-            raise SystemExit(f"pretrain-lm: loss is {loss} at step {step}; lower --lr or use --dtype fp32")
         progress.update(step, loss, tokens=x.numel(), lr=lr)
         if step % args.log_every == 0 or step == stop:
-            log.log(step=step, loss=loss, lr=lr, grad_norm=grad_norm.item(),
+            log.log(step=step, loss=loss, lr=lr, grad_norm=grad_norm,
                     tokens_per_s=progress.tokens / (time.perf_counter() - progress.t0))
         if step % args.eval_every == 0 and step < stop:
             log.log(step=step, val_loss=evaluate(model, val, args, device, autocast), **skills())

@@ -42,6 +42,11 @@ from miniflamingo.trainutil import (
     save_checkpoint,
 )
 
+# What a resumed run must share with the checkpoint's (with the vision config): what defines its data,
+# batches and schedule. --steps and --seconds may grow (the schedule then stretches from where it is).
+RESUME_ARGS = ("preset", "data", "n_train", "size_twins", "seed", "batch_size", "hard_fraction", "hard_group",
+               "lr", "weight_decay", "agc")
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -259,9 +264,11 @@ def make_optimizer(model: ContrastiveModel, lr: float, weight_decay: float) -> t
 
 def train(model, opt, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, args, log, start_step=0,
           start_elapsed=0.0, on_checkpoint=None, neighbours=None, on_eval=None,
-          partners=None, on_step=None) -> tuple[int, float]:
+          partners=None, on_step=None, data_name="the training pairs", last_good=None) -> tuple[int, float]:
     """The loop: AdamW, warmup + cosine, AGC on the encoders. Stops after args.steps or args.seconds.
-    on_step(step), if given, runs after every optimizer step (the demo raises the thread count there)."""
+    on_step(step), if given, runs after every optimizer step (the demo raises the thread count there).
+    A NaN or infinite loss stops the run before its update, naming the step, `data_name` and the last
+    good checkpoint (`last_good()`, a description)."""
     model.train()
     clipped = model.clipped_parameters()
     step, t0 = start_step, time.perf_counter() - start_elapsed
@@ -284,12 +291,16 @@ def train(model, opt, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tenso
         opt.zero_grad(set_to_none=True)
         loss.backward()
         n_clip = adaptive_grad_clip(clipped, args.agc, eps=1e-3) if args.agc > 0 else 0
+        value = loss.item()  # read every step: a small model, and the parameters must stay finite
+        if not math.isfinite(value):
+            raise SystemExit(f"pretrain-vision: loss is {value} at step {step + 1} on a batch of "
+                             f"{data_name}; last good checkpoint: {last_good() if last_good else 'none'}")
         opt.step()
         step += 1
         if on_step is not None:
             on_step(step)
         if step % args.log_every == 0 or step == 1:
-            rec = {"step": step, "loss": round(loss.item(), 4), "inv_temp": round(model.inv_temp().item(), 2),
+            rec = {"step": step, "loss": round(value, 4), "inv_temp": round(model.inv_temp().item(), 2),
                    "lr": round(opt.param_groups[0]["lr"], 6), "agc_clipped": n_clip,
                    "elapsed": round(time.perf_counter() - t0, 1)}
             log(rec)
@@ -403,6 +414,14 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
     step, elapsed = 0, 0.0
     if args.resume and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path, map_location=device)
+        # The same model and the same data stream, or resuming would silently train another run.
+        differ = [f"vision config ({ck['config']} != {asdict(vision_cfg)})"] if ck["config"] != asdict(
+            vision_cfg) else []
+        differ += [f"--{k.replace('_', '-')} ({ck['args'].get(k)!r} != {getattr(args, k)!r})"
+                   for k in RESUME_ARGS if ck["args"].get(k) != getattr(args, k)]
+        if differ:
+            raise SystemExit(f"pretrain-vision: {ckpt_path} was trained with another {'; '.join(differ)}; "
+                             f"use the same options to resume, or another --run")
         model.load_state_dict(ck["contrastive"]["model"])
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"].cpu())
@@ -424,6 +443,8 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
             print(f"step {rec['step']:5d}/{args.steps or '?'} | loss {rec['loss']:.4f} | "
                   f"inv_temp {rec['inv_temp']:6.2f} | lr {rec['lr']:.2e} | {rec['elapsed']:.0f}s", flush=True)
 
+    last_good = {"at": f"{ckpt_path} (step {step})" if step else "none"}
+
     def checkpoint(step: int, elapsed: float, opt, metrics=None) -> None:
         save_checkpoint(ckpt_path, {
             "model": model.vision.state_dict(), "config": asdict(vision_cfg),
@@ -431,6 +452,7 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
             "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "step": step, "elapsed": elapsed,
             "args": {k: v for k, v in vars(args).items()}, "eval": metrics or {},
         })
+        last_good["at"] = f"{ckpt_path} (step {step})"
 
     def held_out(n: int | None = None) -> dict:
         zs = data["zero_shot"][:n] if data["zero_shot"] else None
@@ -441,7 +463,10 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
 
     neighbours = one_word_neighbours([p["caption"] for p in train_pairs]) if args.hard_fraction > 0 else None
     step, elapsed = train(model, opt, images, ids, mask, args, log, step, elapsed, checkpoint, neighbours,
-                          interim_eval, partners=data["partners"], on_step=on_step)
+                          interim_eval, partners=data["partners"], on_step=on_step,
+                          data_name=f"{args.data}/captions.jsonl" if args.data else
+                          f"the synthetic world's pairs (--seed {args.seed})",
+                          last_good=lambda: last_good["at"])
     metrics = held_out()
     metrics = {"step": step, "train_seconds": round(elapsed, 1), **metrics}
     checkpoint(step, elapsed, opt, metrics)

@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 and not fsdp else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
-    last_good = None
+    last_good = f"{ckpt_path} (step {step})" if step else None  # a resumed run's starting point
 
     def checkpoint():
         nonlocal last_good
@@ -384,15 +384,19 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
             # reduce-scatter) averages gradients over ranks
             (b.weight * loss * n_local * world_size / n_global).backward()
             tokens += x.numel()
-        # One read for the step, before the update: a NaN or inf loss stops the run with its parameters
-        # as they were, naming the first batch that had it.
-        losses = dict(zip(losses, torch.stack(list(losses.values())).tolist())) if losses else {}
+        grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], args.grad_clip))
+        # One read for the step, before the update: a NaN or inf loss (or gradient, from a finite loss)
+        # stops the run with its parameters as they were, naming the first batch that had it.
+        *values, grad_norm = torch.stack([*losses.values(), grad_norm.float()]).tolist()
+        losses = dict(zip(losses, values))
         for name, value in losses.items():
             if not math.isfinite(value):
                 raise SystemExit(f"train: loss is {value} at step {step + 1} on the {name!r} batch; last "
                                  f"good checkpoint: {last_good or 'none'}")
-        grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], args.grad_clip))
+        if not math.isfinite(grad_norm):
+            raise SystemExit(f"train: gradient norm is {grad_norm} at step {step + 1} (batches "
+                             f"{', '.join(losses)}); last good checkpoint: {last_good or 'none'}")
         opt.step()
         step += 1
         total = sum(weights[k] * v for k, v in losses.items())
@@ -400,7 +404,7 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
         if step % args.log_every == 0 or step == stop:
             g = gates(model)  # every rank: a collective under FSDP
             if logger:
-                logger.log(step=step, loss=total, lr=lr, grad_norm=grad_norm.item(),
+                logger.log(step=step, loss=total, lr=lr, grad_norm=grad_norm,
                            **{f"loss_{k}": v for k, v in losses.items()}, gates=g)
         if step % args.save_every == 0:
             checkpoint()

@@ -342,6 +342,29 @@ def test_command_end_to_end_and_resume(tmp_path, monkeypatch):
     resumed = torch.load(tmp_path / "b" / "vision.pt", weights_only=True)
     for k, v in ck["model"].items():
         assert torch.equal(v, resumed["model"][k]), k
+    # resuming with another batch size (another data stream) is refused, naming the option
+    with pytest.raises(SystemExit, match=r"another --batch-size \(8 != 4\)"):
+        P.main(["--run", str(tmp_path / "b"), "--resume", *common, "--batch-size", "4"])
+
+
+def test_nan_loss_stops_naming_step_data_and_checkpoint(tmp_path, monkeypatch):
+    """A loss that becomes NaN stops the run before its update, naming the step, the data and the last
+    good checkpoint; that checkpoint holds finite weights."""
+    write_folder(tmp_path / "data", 40)
+    real, calls = C.ContrastiveModel.forward, {"n": 0}
+
+    def poisoned(self, *a, **kw):
+        calls["n"] += 1
+        loss = real(self, *a, **kw)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(C.ContrastiveModel, "forward", poisoned)
+    with pytest.raises(SystemExit, match=r"loss is nan at step 3 on a batch of .*captions\.jsonl; last good "
+                                         r"checkpoint: .*vision\.pt \(step 2\)"):
+        P.main(["--run", str(tmp_path / "a"), "--data", str(tmp_path / "data"), "--steps", "4",
+                "--batch-size", "8", "--ckpt-every", "2", *OVERRIDES])
+    ck = torch.load(tmp_path / "a" / "vision.pt", weights_only=True)
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
 def test_command_rejects_unknown_arguments(tmp_path):

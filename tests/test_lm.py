@@ -365,6 +365,22 @@ def test_pretrain_lm_resumes_to_the_same_weights(tmp_path, capsys):
         close(b["model"][k], a["model"][k], f"resumed vs uninterrupted {k}", atol=0, rtol=0)
     with pytest.raises(SystemExit, match="different LM config"):
         pretrain_lm.main([*common, "--run", str(tmp_path / "a"), "--lm.n_layer=2"])
+    # resumed at step 3 and poisoned at once: the NaN loss stops the run before its update, naming the
+    # step, the corpus and the checkpoint it resumed from, which keeps its finite weights
+    from miniflamingo import lm_corpus
+
+    pretrain_lm.main([*common, "--run", str(tmp_path / "c"), "--stop-at", "3", "--save-every", "100"])
+    real = lm_corpus.forward
+    bad = lambda *a, **kw: (lambda out: (out[0], out[1] * float("nan")))(real(*a, **kw))  # noqa: E731
+    lm_corpus.forward = bad
+    try:
+        with pytest.raises(SystemExit, match=r"loss is nan at step 4 on a batch of .*corpus\.txt: .*; last "
+                                             r"good checkpoint: .*lm\.pt \(step 3\)"):
+            pretrain_lm.main([*common, "--run", str(tmp_path / "c")])
+    finally:
+        lm_corpus.forward = real
+    c = load_checkpoint(tmp_path / "c" / "lm.pt")
+    assert c["step"] == 3 and all(torch.isfinite(v).all() for v in c["model"].values())
 
 
 def test_copy_drills_are_periodic_shifted_windows():

@@ -141,6 +141,17 @@ def test_nan_loss_stops_naming_step_dataset_and_checkpoint(tmp_path, monkeypatch
     with pytest.raises(SystemExit, match=r"loss is nan at step 2 on the 'image_text' batch; last good "
                                          r"checkpoint: .*flamingo\.pt \(step 1\)"):
         train_mod.main(["--run", str(tmp_path), "--steps", "4", "--save-every", "1", *SMALL])
+    # resumed from that checkpoint and failing at once, it names the checkpoint it started from
+    calls["n"] = 4
+    with pytest.raises(SystemExit, match=r"loss is nan at step 2 on the 'interleaved' batch; last good "
+                                         r"checkpoint: .*flamingo\.pt \(step 1\)"):
+        train_mod.main(["--run", str(tmp_path), "--steps", "4", "--save-every", "1", *SMALL])
+    # a finite loss whose gradient is not finite stops the run too, before the update
+    monkeypatch.setattr(flamingo.Flamingo, "forward", real)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, clip: torch.tensor(float("inf")))
+    with pytest.raises(SystemExit, match=r"gradient norm is inf at step 2 \(batches interleaved, image_text, "
+                                         r"video_text\); last good checkpoint: .*flamingo\.pt \(step 1\)"):
+        train_mod.main(["--run", str(tmp_path), "--steps", "4", "--save-every", "1", *SMALL])
 
 
 @pytest.mark.slow
