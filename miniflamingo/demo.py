@@ -20,8 +20,10 @@ Notable features
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -97,7 +99,7 @@ def start_in_background(name: str, argv: list[str], done: dict, run: Path):
                                                                       os.environ.get("PYTHONPATH")]))}
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "miniflamingo", *argv], stdout=log,
-                                stderr=subprocess.STDOUT, env=env)
+                                stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
     return proc, time.perf_counter(), log_path
 
 
@@ -118,7 +120,36 @@ def finish_background(name: str, job, done: dict, state_path: Path, show=("probe
         if any(word in line for word in show):
             print(f"   {name}: {line}", flush=True)
     done[name] = {"seconds": time.perf_counter() - t0}
-    state_path.write_text(json.dumps(done, indent=1))
+    save_state(state_path, done)
+
+
+def save_state(state_path: Path, done: dict) -> None:
+    """RUN/stages.json, written whole or not at all (a temp file, then a rename), as checkpoints are."""
+    tmp = state_path.with_name(state_path.name + ".tmp")
+    tmp.write_text(json.dumps(done, indent=1))
+    os.replace(tmp, state_path)
+
+
+def load_state(state_path: Path) -> dict:
+    if not state_path.exists():
+        return {}
+    try:
+        done = json.loads(state_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"demo: {state_path} is not valid JSON ({e}); delete it to rerun every stage "
+                         "(finished stages then resume from their checkpoints)") from e
+    if not isinstance(done, dict):
+        raise SystemExit(f"demo: {state_path} holds {type(done).__name__}, not the demo's stage record; "
+                         "delete it to rerun every stage")
+    return done
+
+
+def die_with_parent() -> None:
+    """preexec_fn of the background stage: on Linux, ask the kernel to send it SIGTERM when the demo
+    dies, even by SIGKILL (prctl PR_SET_PDEATHSIG), so no orphan keeps training and writing the run's
+    files beside a rerun. Elsewhere a no-op: the demo's `finally` still stops it on ordinary exits."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def final_binding_probe(log_path: Path) -> float:
@@ -185,7 +216,7 @@ def run_stage(name: str, fn, argv: list[str], done: dict, state_path: Path, **kw
     if rc:
         raise SystemExit(f"demo: stage {name} failed (exit {rc})")
     done[name] = {"seconds": time.perf_counter() - t0}
-    state_path.write_text(json.dumps(done, indent=1))
+    save_state(state_path, done)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     run.mkdir(parents=True, exist_ok=True)
     budget = QUICK if args.quick else FULL
     state_path = run / "stages.json"
-    done = json.loads(state_path.read_text()) if state_path.exists() else {}
+    done = load_state(state_path)
     if done.get("quick", args.quick) != args.quick:
         raise SystemExit(f"demo: {run} holds a {'quick' if done['quick'] else 'full'} run; use another --run")
     done["quick"] = args.quick
@@ -213,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     prepared = None
     try:
         when_lm_done = WhenLMDone(lm_job, train_argv[1:], threads)
-        run_stage("vision", pretrain_vision.main, ["pretrain-vision", *common, *budget["vision"]], done,
-                  state_path, on_step=when_lm_done)
+        # --resume: an interrupted vision stage continues from its last checkpoint (none: from step 0)
+        run_stage("vision", pretrain_vision.main, ["pretrain-vision", *common, "--resume", *budget["vision"]],
+                  done, state_path, on_step=when_lm_done)
         rendered = when_lm_done.result()
         lm_running = lm_job is not None and lm_job[0].poll() is None
         if not done.get("train") and (rendered is not None or lm_running):

@@ -11,7 +11,8 @@ Notable features
 - Deterministic: the batch of a step is a function of (seed, step); `--resume` continues from the last
   atomic checkpoint RUN/vision.pt to the same weights as an uninterrupted run (with --steps).
 - Report: zero-shot colour and shape accuracy (CLIP-style prompt ensembles against the text encoder) on
-  held-out single-object images, and image->text retrieval R@1 on held-out pairs; RUN/eval.json.
+  held-out single-object images, and image->text retrieval R@1 on held-out pairs; RUN/vision_eval.json
+  (not eval.json: the demo keeps every stage in one folder, and eval.json is the few-shot table's).
 - RUN/vision.pt = {"model": VisionEncoder state_dict, "config": asdict(VisionConfig), "contrastive": ...,
   "optimizer", "step", ...}; `miniflamingo.vision.load_pretrained(path)` gives the encoder back.
 
@@ -345,7 +346,8 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
         prog="python -m miniflamingo pretrain-vision",
         description="Contrastive image-text pretraining of the vision encoder (Flamingo App. B.1.3). "
                     "Extra --vision.FIELD=VALUE arguments override the preset's vision config.")
-    ap.add_argument("--run", default="runs/vision", help="output folder: vision.pt, log.jsonl, eval.json")
+    ap.add_argument("--run", default="runs/vision",
+                    help="output folder: vision.pt, log.jsonl, vision_eval.json")
     ap.add_argument("--preset", default="tiny", help="FlamingoConfig preset whose vision config is trained")
     ap.add_argument("--data", default=None, help="folder with captions.jsonl (default: the synthetic world)")
     ap.add_argument("--steps", type=int, default=400, help="training steps (0 = until --seconds)")
@@ -471,7 +473,7 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
     metrics = {"step": step, "train_seconds": round(elapsed, 1), **metrics}
     checkpoint(step, elapsed, opt, metrics)
     log({"step": step, "eval": metrics})
-    (run / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (run / "vision_eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
     shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
     print(f"held-out: {shown}\nwrote {ckpt_path}")
     return 0

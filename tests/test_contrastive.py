@@ -323,7 +323,7 @@ def test_command_end_to_end_and_resume(tmp_path, monkeypatch):
     assert enc(torch.rand(2, 3, 32, 32)).shape == (2, 4, 32)
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4] and "eval" in log[-1]
-    assert json.loads((tmp_path / "a" / "eval.json").read_text())["step"] == 4
+    assert json.loads((tmp_path / "a" / "vision_eval.json").read_text())["step"] == 4
 
     # an interrupted run (it dies right after its step-2 checkpoint) resumes to the very same weights
     save = P.save_checkpoint

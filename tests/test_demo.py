@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,47 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     again = demo(tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("done in an earlier run") == 4, again.stdout
+    # a vision stage that was cut short (here: its record lost after its last checkpoint) resumes from its
+    # checkpoint instead of training from step 0
+    del stages["vision"]
+    (tmp_path / "stages.json").write_text(json.dumps(stages))
+    resumed = demo(tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout, resumed.stdout
+    # a stage record that is not JSON (a hand edit; the demo itself replaces it whole) fails naming it
+    (tmp_path / "stages.json").write_text('{"vision": {"seconds"')
+    broken = demo(tmp_path)
+    assert broken.returncode != 0 and "stages.json is not valid JSON" in broken.stderr, broken.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_background_stage_dies_with_the_demo(tmp_path):
+    """The LM stage runs in a child process started with demo.die_with_parent: if the demo is killed
+    (SIGKILL: no `finally` runs), the child gets SIGTERM from the kernel instead of training on."""
+    parent = (
+        "import subprocess, sys, time\n"
+        "from miniflamingo import demo\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+        "preexec_fn=demo.die_with_parent)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            text=True)
+    child = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+
+    def alive(pid: int) -> bool:  # a zombie (dead, not yet reaped by whoever adopted it) counts as gone
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(child), "the background stage outlived the killed demo"
 
 
 def test_demo_seeds_summarises_runs_and_names_a_missing_eval(tmp_path, capsys):
