@@ -92,8 +92,12 @@ def load_captions_folder(folder: str | Path, image_size: int) -> list[dict]:
     path = folder / "captions.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no captions.jsonl in the data folder")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     pairs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -101,6 +105,9 @@ def load_captions_folder(folder: str | Path, image_size: int) -> list[dict]:
             rel, caption = rec["image"], rec["caption"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}:{n}: expected {{\"image\": relpath, \"caption\": str}} ({e})") from None
+        for field, value in (("image", rel), ("caption", caption)):
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{path}:{n}: field {field!r} must be a non-empty string, got {value!r}")
         try:
             img = Image.open(folder / rel).convert("RGB")
         except OSError as e:
@@ -109,7 +116,7 @@ def load_captions_folder(folder: str | Path, image_size: int) -> list[dict]:
         img = img.resize((max(image_size, round(img.width * s)), max(image_size, round(img.height * s))))
         left, top = (img.width - image_size) // 2, (img.height - image_size) // 2
         img = img.crop((left, top, left + image_size, top + image_size))
-        pairs.append({"image": np.asarray(img, dtype=np.uint8), "caption": caption, "attrs": None})
+        pairs.append({"image": np.array(img, dtype=np.uint8), "caption": caption, "attrs": None})  # a copy
     if not pairs:
         raise ValueError(f"{path}: no pairs")
     return pairs

@@ -66,22 +66,25 @@ def _read_jsonl(path: Path, parse, skip_bad: bool) -> tuple[list, Report]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     items, report = [], Report(str(path))
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    for lineno, line in enumerate(text.split("\n"), 1):  # newlines only, as iterating the file would
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
             try:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: malformed JSON line ({e})") from None
-                items.append(parse(obj, where))
-                report.read += 1
-            except DataError as e:
-                if not skip_bad:
-                    raise
-                report.skipped.append(str(e))
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON line ({e})") from None
+            items.append(parse(obj, where))
+            report.read += 1
+        except DataError as e:
+            if not skip_bad:
+                raise
+            report.skipped.append(str(e))
     if report.skipped:
         print(report.summary())
     return items, report

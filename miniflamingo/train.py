@@ -67,7 +67,14 @@ def load_part(name: str, path: Path, part_cfg) -> dict:
     """The weights of a stage-1 or stage-2 checkpoint (`name` "vision" or "lm"), after checking that it
     was trained with the config the Flamingo config asks for."""
     state = load_checkpoint(path)
-    saved = getattr(FlamingoConfig.from_dict({name: state["config"]}), name)
+    stage = {"vision": "pretrain-vision", "lm": "pretrain-lm"}[name]
+    if not isinstance(state, dict) or not {"model", "config"} <= set(state):
+        raise SystemExit(f"train: {path} is not a {stage} checkpoint (it lacks 'model' or 'config')")
+    try:
+        saved = getattr(FlamingoConfig.from_dict({name: state["config"]}), name)
+    except (TypeError, ValueError, AttributeError) as e:  # another stage's config: other fields
+        raise SystemExit(f"train: {path} is not a {stage} checkpoint: its config does not describe "
+                         f"the {name} ({e})") from e
     if saved != part_cfg:
         raise SystemExit(f"train: {path} holds the {name} config {saved}, but the Flamingo config "
                          f"asks for {part_cfg}; use the same preset and overrides")
@@ -318,6 +325,9 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
     ckpt_path, step = run / "flamingo.pt", 0
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path, map_location=device)
+        if not isinstance(state, dict) or not {"model", "config", "step", "optimizer"} <= set(state):
+            raise SystemExit(f"train: {ckpt_path} is not a train checkpoint (it lacks 'model', 'config', "
+                             f"'step' or 'optimizer'); use another --run")
         if state["config"] != cfg.to_dict():
             raise SystemExit(f"train: {ckpt_path} holds another config; use another --run or the same "
                              f"options")

@@ -294,6 +294,15 @@ def test_captions_folder_errors_name_file_and_line(tmp_path):
         P.load_captions_folder(tmp_path, 32)
     with pytest.raises(FileNotFoundError, match="captions.jsonl"):
         P.load_captions_folder(tmp_path / "nowhere", 32)
+    for line, field in (('{"image": 5, "caption": "x"}', "image"),
+                        ('{"image": "a.png", "caption": 3}', "caption"),
+                        ('{"image": "a.png", "caption": " "}', "caption")):
+        (tmp_path / "captions.jsonl").write_text(good + "\n" + line + "\n")
+        with pytest.raises(ValueError, match=rf"captions.jsonl:2: field '{field}' must be a non-empty"):
+            P.load_captions_folder(tmp_path, 32)
+    (tmp_path / "captions.jsonl").write_bytes(good.encode() + b"\n\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"captions.jsonl: not UTF-8 text"):
+        P.load_captions_folder(tmp_path, 32)
 
 
 # ----------------------------------------------------------------------------- the command

@@ -395,6 +395,14 @@ def test_each_bad_input_names_file_and_line_or_is_skipped_and_counted(folder, ca
         assert "3 read, 1 skipped" in printed and f"{path}:4" in printed, name
 
 
+@pytest.mark.parametrize("reader", [read_captions, read_interleaved])
+def test_a_file_that_is_not_utf8_is_named(folder, reader):
+    path = folder / "data.jsonl"
+    path.write_bytes(b'{"image": "ok.png", "caption": "red"}\n\xff\xfe\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}: not UTF-8 text")):
+        reader(path, 16)
+
+
 def test_fresh_randomness_each_step():
     words = " ".join(f"w{i}" for i in range(60))
     doc = {"texts": [None, words, None, "end"], "images": [tagged_media(0), None, tagged_media(1), None]}

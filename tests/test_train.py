@@ -174,6 +174,26 @@ def test_gate_lr_mult_scales_the_gates_first_step_and_only_theirs(tmp_path):
 
 
 @pytest.mark.slow
+def test_wrong_checkpoints_fail_naming_the_file(tmp_path):
+    """Another stage's checkpoint (lm.pt given as --vision, vision.pt as --lm) or one without its config
+    stops the run with the file's name and what it should have been, not a TypeError from deep inside."""
+    from miniflamingo import train as train_mod
+
+    pretrained_stand_ins(tmp_path)
+    run = ["--run", str(tmp_path), "--steps", "1", *SMALL]
+    with pytest.raises(SystemExit, match=r"lm\.pt is not a pretrain-vision checkpoint: its config does not "
+                                         r"describe the vision"):
+        train_mod.main([*run, "--vision", str(tmp_path / "lm.pt")])
+    with pytest.raises(SystemExit, match=r"vision\.pt is not a pretrain-lm checkpoint"):
+        train_mod.main([*run, "--lm", str(tmp_path / "vision.pt")])
+    save_checkpoint(tmp_path / "bare.pt", {"model": {}})
+    with pytest.raises(SystemExit, match=r"bare\.pt is not a pretrain-vision checkpoint \(it lacks"):
+        train_mod.main([*run, "--vision", str(tmp_path / "bare.pt")])
+    save_checkpoint(tmp_path / "flamingo.pt", {"model": {}, "config": {}})
+    with pytest.raises(SystemExit, match=r"flamingo\.pt is not a train checkpoint"):
+        train_mod.main(run)
+
+
 def test_resume_with_other_optimizer_groups_fails_clearly(tmp_path):
     pretrained_stand_ins(tmp_path)
     r = train(tmp_path, "--steps", "1", "--seed", "0")
