@@ -128,7 +128,7 @@ print(f"frozen LM's loss on the held-out captions (no image): {lm_loss.item():.3
 
 sampler = MixtureSampler([Source("image_text", train_data, 1.0, BATCH, seq_len=64, max_media=1)], seed=0)
 opt = configure_optimizer(model, LR, weight_decay=0.1,  # paper B.1.2: no decay on the resampler
-                          no_decay=("resampler", "latents", "temporal", "special_embeddings"))
+                          no_decay=("resampler", "latents", "time_embeddings", "special_embeddings"))
 header = " | ".join(f"L{i} attn   L{i} ffw " for i in range(len(model.xattn)))
 print(f"\nheld-out loss with the right image / with another pair's image; tanh(gate) per xattn layer\n"
       f" step | right  other | {header}")

@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
     if fsdp:
         distributed.shard(model)  # each rank now holds 1/world_size of every parameter
     opt = configure_optimizer(model, args.lr, args.weight_decay,
-                              no_decay=("resampler", "latents", "temporal", "special_embeddings"),
+                              no_decay=("resampler", "latents", "time_embeddings", "special_embeddings"),
                               lr_mult={"_gate": args.gate_lr_mult} if args.gate_lr_mult != 1 else None)
     ckpt_path, step = run / "flamingo.pt", 0
     if ckpt_path.exists():

@@ -22,7 +22,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -51,7 +50,7 @@ def get_lr(step: int, max_lr: float, warmup: int, total: int, schedule: str = "c
 
 # Parameters that are learned vectors/tables standing for positions or queries, not weights mapping
 # one activation to another: shrinking them towards 0 has no regularising meaning (GPT-2, Perceiver).
-NO_DECAY_NAMES = ("latents", "pos_emb", "temporal")
+NO_DECAY_NAMES = ("latents", "pos_emb", "time_embeddings")
 
 
 def decay_split(named_params: Iterable[tuple[str, torch.Tensor]], no_decay: Iterable[str] = NO_DECAY_NAMES):
@@ -142,7 +141,10 @@ def save_checkpoint(path, state: dict) -> None:
     """Write `state` with torch.save atomically: readers see the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # A fresh name in the same folder (so the rename stays on one filesystem), created with the usual
+    # permissions (0666 less the umask; mkstemp's 0600 would make every checkpoint owner-only).
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{random.SystemRandom().getrandbits(32):08x}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -152,6 +154,8 @@ def save_checkpoint(path, state: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-save (SIGKILL)
+        stale.unlink(missing_ok=True)
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
         dfd = os.open(path.parent, os.O_DIRECTORY)
         try:

@@ -57,6 +57,8 @@ def attend_own_media(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: tor
     """
     B, L, nh, hs = q.shape
     T, R = k.shape[1], k.shape[3]
+    if T == 0:  # no media: no token has an image to attend to (the model's masked path handles this too)
+        return q.new_zeros(B, L, nh * hs)
     E, C = nh * hs, -(-L // T)
     N = -(-L // C) + T  # chunks per row
     dev = phi.device

@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -96,6 +97,26 @@ def test_checkpoint_roundtrip(tmp_path):
     assert back["step"] == 7 and back["config"] == state["config"]
     assert torch.equal(back["model"]["w"], state["model"]["w"])
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.pt"], "temp file left behind"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "sub" / "x.pt").stat().st_mode & 0o777 == 0o666 & ~umask, "not the usual permissions"
+    # a temp file left by a writer killed mid-save goes with the next save of the same checkpoint
+    stale = tmp_path / "sub" / ".x.pt.123.deadbeef.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    save_checkpoint(tmp_path / "sub" / "x.pt", state)
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.pt"], "stale temp file kept"
+
+
+def test_time_embeddings_are_among_the_no_decay_names():
+    """The resampler's temporal embeddings are positions, not weights (trainutil.NO_DECAY_NAMES): the
+    name must match the parameter's, or the 2-D table would decay."""
+    from miniflamingo.config import ResamplerConfig
+    from miniflamingo.resampler import PerceiverResampler
+    from miniflamingo.trainutil import decay_split
+
+    r = PerceiverResampler(ResamplerConfig(n_layer=1, n_head=2, d_head=4, d_model=8, num_latents=2), 8)
+    decay, keep = decay_split(r.named_parameters())
+    assert {"latents", "time_embeddings"} <= set(keep) and not {"latents", "time_embeddings"} & set(decay)
 
 
 def test_interrupted_save_keeps_old_checkpoint(tmp_path, monkeypatch):

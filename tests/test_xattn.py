@@ -78,6 +78,15 @@ def test_phi_counts_images_up_to_and_including_t():
     assert compute_phi(ids, img, mask).tolist()[1] == [0, 1, 1, 1, 1, 1]
 
 
+def test_no_media_gives_exact_zeros_on_every_path():
+    """A row batch with no media (T = 0): every token gets exactly zero, whichever attention path runs."""
+    q, k, v, phi = torch.randn(2, 5, 2, 4), torch.randn(2, 0, 2, 3, 4), torch.randn(2, 0, 2, 3, 4), \
+        torch.zeros(2, 5, dtype=torch.long)
+    for attend in (attend_own_media, attend_own_media_masked, attend_all_previous_media):
+        out = attend(q, k, v, phi)
+        assert out.shape == (2, 5, 8) and torch.all(out == 0), attend.__name__
+
+
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(phi_T=st.one_of(phis(monotone=True), phis(monotone=False)), R=st.integers(1, 3))
 def test_grouped_attention_and_its_gradients_match_per_token_reference(phi_T, R):
