@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"use another --run or the same preset/overrides")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if "rng" in state:  # dropout's draws (--lm.dropout > 0) continue as if never stopped
+            torch.set_rng_state(state["rng"].cpu())
         step = state["step"]
         print(f"resuming from {ckpt_path} at step {step}", file=sys.stderr)
     last_good = f"{ckpt_path} (step {step})" if step else "none"
@@ -225,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     def checkpoint():
         nonlocal last_good
         save_checkpoint(ckpt_path, {"model": model.state_dict(), "config": dataclasses.asdict(cfg),
-                                    "step": step, "optimizer": opt.state_dict()})
+                                    "step": step, "optimizer": opt.state_dict(),
+                                    "rng": torch.get_rng_state()})
         last_good = f"{ckpt_path} (step {step})"
 
     def skills(final: bool = False) -> dict:

@@ -340,9 +340,10 @@ def train_copy_task() -> tuple[float, float]:
 # ----------------------------------------------------------------------------- pretrain-lm
 
 
-def test_pretrain_lm_resumes_to_the_same_weights(tmp_path, capsys):
+@pytest.mark.parametrize("dropout", ["0.0", "0.2"])
+def test_pretrain_lm_resumes_to_the_same_weights(tmp_path, capsys, dropout):
     """A run stopped at step 3 and resumed equals an uninterrupted run: batches depend on the step
-    alone, and the checkpoint holds the optimizer state."""
+    alone, and the checkpoint holds the optimizer state and, for dropout's draws, torch's RNG state."""
     from miniflamingo import pretrain_lm
     from miniflamingo.trainutil import load_checkpoint
 
@@ -352,7 +353,8 @@ def test_pretrain_lm_resumes_to_the_same_weights(tmp_path, capsys):
     (tmp_path / "corpus.txt").write_text(text)
     common = ["--corpus", str(tmp_path / "corpus.txt"), "--steps", "6", "--batch-size", "4",
               "--seq-len", "16", "--warmup", "2", "--eval-batches", "1", "--dtype", "fp32", "--device", "cpu",
-              "--lm.n_layer=1", "--lm.d_model=16", "--lm.n_head=2", "--lm.context_length=32"]
+              "--lm.n_layer=1", "--lm.d_model=16", "--lm.n_head=2", "--lm.context_length=32",
+              f"--lm.dropout={dropout}"]
     assert pretrain_lm.main([*common, "--run", str(tmp_path / "a")]) == 0
     assert "held-out loss" in capsys.readouterr().out
     pretrain_lm.main([*common, "--run", str(tmp_path / "b"), "--stop-at", "3"])
