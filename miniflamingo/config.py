@@ -275,6 +275,10 @@ def _tiny() -> FlamingoConfig:
             image_size=64, stem_widths=(8, 16, 16, 32), widths=(32, 64, 96, 128), depths=(1, 1, 1, 1),
             strides=(1, 2, 2, 1), group_width=16, final_width=128,
         ),  # 64 / (4*4) = 4x4 grid, S = 16
+        # max_frames 8, while the world's videos have 6 frames (World.video_frames): temporal embeddings 6
+        # and 7 are never trained, so a longer video (7-8 frames, or more, interpolated: paper App. B.1.2)
+        # would read untrained ones. No command feeds one; kept at 8 because every measured demo ran with
+        # it (their initialisation draws this table before the layers'), and 6 would change them all.
         resampler=ResamplerConfig(n_layer=1, n_head=4, d_head=32, d_model=128, num_latents=8, max_frames=8),
         lm=LMConfig(n_layer=2, n_head=8, d_model=128, vocab_size=1024, context_length=256, smear_keys=True),
         xattn=XAttnConfig(every=1, n_head=4, d_head=32),
