@@ -120,14 +120,7 @@ def finish_background(name: str, job, done: dict, state_path: Path, show=("probe
         if any(word in line for word in show):
             print(f"   {name}: {line}", flush=True)
     done[name] = {"seconds": time.perf_counter() - t0}
-    save_state(state_path, done)
-
-
-def save_state(state_path: Path, done: dict) -> None:
-    """RUN/stages.json, written whole or not at all (a temp file, then a rename), as checkpoints are."""
-    tmp = state_path.with_name(state_path.name + ".tmp")
-    tmp.write_text(json.dumps(done, indent=1))
-    os.replace(tmp, state_path)
+    evaluate.write_json(done, state_path)  # whole or not at all: temp file, then rename
 
 
 def load_state(state_path: Path) -> dict:
@@ -216,7 +209,7 @@ def run_stage(name: str, fn, argv: list[str], done: dict, state_path: Path, **kw
     if rc:
         raise SystemExit(f"demo: stage {name} failed (exit {rc})")
     done[name] = {"seconds": time.perf_counter() - t0}
-    save_state(state_path, done)
+    evaluate.write_json(done, state_path)  # whole or not at all: temp file, then rename
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -272,14 +272,15 @@ def make_optimizer(model: ContrastiveModel, lr: float, weight_decay: float) -> t
 
 def train(model, opt, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, args, log, start_step=0,
           start_elapsed=0.0, on_checkpoint=None, neighbours=None, on_eval=None,
-          partners=None, on_step=None, data_name="the training pairs", last_good=None) -> tuple[int, float]:
+          partners=None, on_step=None, data_name="the training pairs", ckpt_path=None) -> tuple[int, float]:
     """The loop: AdamW, warmup + cosine, AGC on the encoders. Stops after args.steps or args.seconds.
     on_step(step), if given, runs after every optimizer step (the demo raises the thread count there).
     A NaN or infinite loss stops the run before its update, naming the step, `data_name` and the last
-    good checkpoint (`last_good()`, a description)."""
+    good checkpoint (the last one on_checkpoint wrote to `ckpt_path`, or the one resumed from)."""
     model.train()
     clipped = model.clipped_parameters()
     step, t0 = start_step, time.perf_counter() - start_elapsed
+    last_good = f"{ckpt_path} (step {step})" if step and ckpt_path else "none"
     while True:
         elapsed = time.perf_counter() - t0
         progress = max(step / args.steps if args.steps else 0.0,
@@ -302,7 +303,7 @@ def train(model, opt, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tenso
         value = loss.item()  # read every step: a small model, and the parameters must stay finite
         if not math.isfinite(value):
             raise SystemExit(f"pretrain-vision: loss is {value} at step {step + 1} on a batch of "
-                             f"{data_name}; last good checkpoint: {last_good() if last_good else 'none'}")
+                             f"{data_name}; last good checkpoint: {last_good}")
         opt.step()
         step += 1
         if on_step is not None:
@@ -314,6 +315,7 @@ def train(model, opt, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tenso
             log(rec)
         if on_checkpoint and args.ckpt_every and step % args.ckpt_every == 0:
             on_checkpoint(step, time.perf_counter() - t0, opt)
+            last_good = f"{ckpt_path} (step {step})"
         if on_eval and args.eval_every and step % args.eval_every == 0:
             t_eval = time.perf_counter()
             on_eval(step)
@@ -452,8 +454,6 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
             print(f"step {rec['step']:5d}/{args.steps or '?'} | loss {rec['loss']:.4f} | "
                   f"inv_temp {rec['inv_temp']:6.2f} | lr {rec['lr']:.2e} | {rec['elapsed']:.0f}s", flush=True)
 
-    last_good = {"at": f"{ckpt_path} (step {step})" if step else "none"}
-
     def checkpoint(step: int, elapsed: float, opt, metrics=None) -> None:
         save_checkpoint(ckpt_path, {
             "model": model.vision.state_dict(), "config": asdict(vision_cfg),
@@ -461,7 +461,6 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
             "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "step": step, "elapsed": elapsed,
             "args": {k: v for k, v in vars(args).items()}, "eval": metrics or {},
         })
-        last_good["at"] = f"{ckpt_path} (step {step})"
 
     def held_out(n: int | None = None) -> dict:
         zs = data["zero_shot"][:n] if data["zero_shot"] else None
@@ -474,8 +473,7 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
     step, elapsed = train(model, opt, images, ids, mask, args, log, step, elapsed, checkpoint, neighbours,
                           interim_eval, partners=data["partners"], on_step=on_step,
                           data_name=f"{args.data}/captions.jsonl" if args.data else
-                          f"the synthetic world's pairs (--seed {args.seed})",
-                          last_good=lambda: last_good["at"])
+                          f"the synthetic world's pairs (--seed {args.seed})", ckpt_path=ckpt_path)
     metrics = held_out()
     metrics = {"step": step, "train_seconds": round(elapsed, 1), **metrics}
     checkpoint(step, elapsed, opt, metrics)
