@@ -14,7 +14,6 @@ Notable features
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,32 +22,31 @@ import torch
 from miniflamingo import fewshot as fs
 from miniflamingo.data import DataError
 from miniflamingo.evaluate import TASKS, load_run, open_items, run_tokenizer
-from miniflamingo.readers import load_image
+from miniflamingo.readers import _read_jsonl, load_image
 from miniflamingo.trainutil import CheckpointError
 
 
 def read_examples(path, image_size: int) -> list[dict]:
     """Examples for `ask`, one JSON object per line, image paths relative to the file: {"image", "caption"}
-    (captions.jsonl, DESIGN.md 5) or {"image", "question", "answer"}. Errors name the file and line."""
+    (captions.jsonl of DESIGN.md 5; its folder will do) or {"image", "question", "answer"}. Read by
+    readers.py's JSONL reader, so errors name the file and line as everywhere else."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    examples = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON line ({e})") from None
-        texts = ("caption",) if isinstance(obj, dict) and "caption" in obj else ("question", "answer")
-        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("image", *texts)):
-            raise DataError(f'{where}: expected {{"image": relpath, "caption": str}} or {{"image": relpath, '
-                            f'"question": str, "answer": str}}, got {str(obj)[:80]}')
-        examples.append({**{k: obj[k] for k in texts}, "image": load_image(path.parent / obj["image"],
-                                                                           image_size, where)})
-    return examples
+    jsonl = path / "captions.jsonl" if path.is_dir() else path
+
+    def parse(obj, where):
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {str(obj)[:80]}")
+        texts = ("caption",) if "caption" in obj else ("question", "answer")
+        for k in ("image", *texts):
+            if not isinstance(obj.get(k), str):
+                raise DataError(f'{where}: "{k}" must be a string, got '
+                                f'{"nothing" if k not in obj else type(obj[k]).__name__} (expected '
+                                f'{{"image": relpath, "caption": str}} or {{"image": relpath, "question": '
+                                f'str, "answer": str}})')
+        return {**{k: obj[k] for k in texts}, "image": load_image(jsonl.parent / obj["image"], image_size,
+                                                                  where)}
+
+    return _read_jsonl(jsonl, parse, skip_bad=False)[0]
 
 
 def ask(model, tok, image, question: str | None = None, examples: list[dict] = (), shots: int = 4):
@@ -67,15 +65,23 @@ def ask(model, tok, image, question: str | None = None, examples: list[dict] = (
     features = fs.vision_features(model, [image] + [x["image"] for x in pool])
     n = min(shots, len(pool))
     order = fs.rices_support(fs.pooled(features[:1])[0], fs.pooled(features[1:]), n) if n else []
+    wanted, context = n, model.cfg.lm.context_length
     while True:
         if n:
             support = [shot(features[1 + j], pool[j]) for j in order[len(order) - n:]]
         else:
             support = fs.text_only([shot(None, x) for x in pool[:2]])
         prompt = fs.build_prompt(tok, support, shot(features[0]))
-        if n == 0 or len(prompt.ids) + task.max_new_tokens <= model.cfg.lm.context_length:
+        if len(prompt.ids) + task.max_new_tokens <= context:
             break
+        if n == 0:  # not even zero-shot fits: the question itself is too long
+            query = fs.build_prompt(tok, [], shot(features[0]))
+            raise ValueError(f"the prompt needs {len(query.ids)} tokens without examples (plus "
+                             f"{task.max_new_tokens} for the answer); the model's context is {context} "
+                             f"tokens: ask a shorter question")
         n -= 1  # drop the least similar example
+    if n < wanted:
+        print(f"(using {n} of {wanted} examples: the prompt must fit the model's {context}-token context)")
     return fs.generate_answers(model, tok, [prompt], task.max_new_tokens)[0], prompt
 
 
@@ -87,11 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", required=True, help="run folder holding flamingo.pt")
     ap.add_argument("--image", required=True, help="an image file (letterboxed to the model's size)")
     ap.add_argument("--question", default=None, help="a question about the image (default: caption it)")
-    ap.add_argument("--examples", default=None, help='JSONL of {"image", "caption"} (captions.jsonl) or '
-                    '{"image", "question", "answer"}; default: examples from the synthetic world')
+    ap.add_argument("--examples", default=None,
+                    help='JSONL of {"image", "caption"} (captions.jsonl, or its folder) or {"image", '
+                         '"question", "answer"}; default: examples from the synthetic world')
     ap.add_argument("--shots", type=int, default=4, help="examples in the prompt, chosen by RICES")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads, as in eval; 0: default")
     args = ap.parse_args(argv)
+    if args.shots < 0:
+        ap.error(f"--shots must be >= 0, got {args.shots}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
@@ -109,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         examples = [{"image": x["media"], "question": x["question"], "answer": x["answer"]} if args.question
                     else {"image": x["media"], "caption": x["answer"]} for x in items]
         print(f"(no {kind} examples given: using {len(examples)} from the synthetic world's val split)")
-    answer, prompt = ask(model, tok, image, args.question, examples, args.shots)
+    try:
+        answer, prompt = ask(model, tok, image, args.question, examples, args.shots)
+    except ValueError as e:
+        print(f"ask: {e}", file=sys.stderr)
+        return 1
     print(f"prompt: {tok.decode(prompt.ids)}")
     print(f"answer: {answer}")
     return 0

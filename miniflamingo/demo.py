@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from miniflamingo import evaluate, pretrain_vision, train
+from miniflamingo.trainutil import write_json
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,7 +121,7 @@ def finish_background(name: str, job, done: dict, state_path: Path, show=("probe
         if any(word in line for word in show):
             print(f"   {name}: {line}", flush=True)
     done[name] = {"seconds": time.perf_counter() - t0}
-    evaluate.write_json(done, state_path)  # whole or not at all: temp file, then rename
+    write_json(done, state_path)  # whole or not at all: temp file, then rename
 
 
 def load_state(state_path: Path) -> dict:
@@ -209,7 +210,7 @@ def run_stage(name: str, fn, argv: list[str], done: dict, state_path: Path, **kw
     if rc:
         raise SystemExit(f"demo: stage {name} failed (exit {rc})")
     done[name] = {"seconds": time.perf_counter() - t0}
-    evaluate.write_json(done, state_path)  # whole or not at all: temp file, then rename
+    write_json(done, state_path)  # whole or not at all: temp file, then rename
 
 
 def main(argv: list[str] | None = None) -> int:

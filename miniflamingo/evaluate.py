@@ -11,7 +11,8 @@ Notable features
   training stage (accuracy, candidates ranked by log-likelihood).
 - Shots count support examples; for the N-way binding tasks they count examples per class (k, as in
   Frozen), so 5-way k = 1 shows five images. Binding at k = 0 has no support: chance is expected.
-- Every cell (task x shots) also runs blind: the same prompts with every media zeroed.
+- Every cell (task x shots) also runs blind: the same prompts with every media zeroed (with --rices,
+  random examples instead of the retrieved ones: their choice would carry the query's image).
 - A shot count whose prompts do not fit lm.context_length is skipped, reported as null in eval.json and
   "-" in the table, never truncated.
 - eval.json: {"tasks": {name: {"metric", "unit", "shots": {"0": x, ...}, "blind": {"0": x, ...}}},
@@ -22,8 +23,6 @@ Notable features
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from miniflamingo.config import FlamingoConfig
 from miniflamingo.flamingo import Flamingo
 from miniflamingo.metrics import cider_d, vqa_accuracy
 from miniflamingo.tokenizer import Tokenizer
-from miniflamingo.trainutil import CheckpointError, avoid_cudnn_attention, load_checkpoint
+from miniflamingo.trainutil import CheckpointError, avoid_cudnn_attention, load_checkpoint, write_json
 from miniflamingo.world_render import HELDOUT_COMBOS
 
 # ----------------------------------------------------------------------------- the tasks
@@ -154,20 +153,25 @@ def open_cell(model, tok, task: Task, queries, pool, n_shots: int, rng_key: list
               batch_size: int = 32) -> tuple[float | None, float | None, list[str]]:
     """(metric, blind metric, predictions) with n_shots support examples per query; (None, None, [])
     when the prompts do not fit the context. features: (query, pool) pooled features for RICES, or None."""
-    prompts = []
+    prompts, random_prompts = [], []
     for i, query in enumerate(queries):
         rng = np.random.default_rng([*rng_key, n_shots, i])
         if n_shots == 0:  # two text-only examples (paper App. A.2)
             support = fs.text_only([item_shot(pool[j]) for j in fs.random_support(len(pool), 2, rng)])
-        elif features is not None:  # RICES: most similar last
-            support = [item_shot(pool[j]) for j in fs.rices_support(features[0][i], features[1], n_shots)]
         else:
             support = [item_shot(pool[j]) for j in fs.random_support(len(pool), n_shots, rng)]
+        random_prompts.append(fs.build_prompt(tok, support, item_shot(query, with_answer=False)))
+        if n_shots and features is not None:  # RICES: most similar last
+            support = [item_shot(pool[j]) for j in fs.rices_support(features[0][i], features[1], n_shots)]
         prompts.append(fs.build_prompt(tok, support, item_shot(query, with_answer=False)))
-    if max(len(p.ids) for p in prompts) + task.max_new_tokens > model.cfg.lm.context_length:
+    if max(len(p.ids) for p in prompts + random_prompts) + task.max_new_tokens > model.cfg.lm.context_length:
         return None, None, []
     predictions = fs.generate_answers(model, tok, prompts, task.max_new_tokens, batch_size=batch_size)
-    blind = fs.generate_answers(model, tok, prompts, task.max_new_tokens, blind=True, batch_size=batch_size)
+    # The blind row sees no pixel of the query, not even through the choice of its examples: with RICES
+    # its prompts are the random-support ones (RICES picks examples by the query's image, and a blind
+    # model that copies the most similar example's answer would be reading the image through them).
+    blind = fs.generate_answers(model, tok, random_prompts, task.max_new_tokens, blind=True,
+                                batch_size=batch_size)
     return score(task.metric, predictions, queries), score(task.metric, blind, queries), predictions
 
 
@@ -276,14 +280,6 @@ def format_kinds(results: dict) -> str:
             cells = ", ".join(f"{k} {100 * v:.0f}" for k, v in kinds.items())
             lines.append(f"{name} by kind, {n} shots: {cells}")
     return "\n".join(lines)
-
-
-def write_json(results: dict, path) -> None:
-    """Atomically: a temp file in the same folder, then a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- runs

@@ -164,6 +164,19 @@ def save_checkpoint(path, state: dict) -> None:
             os.close(dfd)
 
 
+def write_json(obj, path, indent: int = 1) -> None:
+    """Write `obj` as JSON atomically (a temp file in the same folder, then a rename): a run killed
+    mid-write leaves the old file or the new one, never a truncated one that the next run cannot read."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     """torch.load(weights_only=True): plain tensors and containers only, no pickled code."""
     path = Path(path)

@@ -117,6 +117,28 @@ def test_rices_support_is_the_most_similar(tok, world, monkeypatch):
     assert len(chosen) == 2 and all(len(c) == 3 for c in chosen) and r["settings"]["rices"] is True
 
 
+def test_blind_rows_never_see_the_query_through_rices(tok, world, monkeypatch):
+    """With --rices the examples are chosen by the query's image; the blind row must not be (a blind
+    model copying the most similar example's answer would read the image through them). Its prompts are
+    exactly those of the random-support run; the seeing row's are the retrieved ones."""
+    real, calls = fs.generate_answers, []
+
+    def spy(model, tok, prompts, *a, blind=False, **kw):
+        calls.append((blind, [tuple(p.ids) for p in prompts]))
+        return real(model, tok, prompts, *a, blind=blind, **kw)
+
+    monkeypatch.setattr(fs, "generate_answers", spy)
+    model = tiny_model()
+    runs = {}
+    for rices in (False, True):
+        calls.clear()
+        ev.evaluate(model, tok, world, ["vqa"], (0, 3), episodes=3, rices=rices)
+        runs[rices] = {blind: [c for b, c in calls if b == blind] for blind in (False, True)}
+    assert runs[True][True] == runs[False][True] == runs[False][False], "blind: the random-support prompts"
+    assert runs[True][False][0] == runs[False][False][0], "zero-shot prompts have no examples to retrieve"
+    assert runs[True][False][1] != runs[False][False][1], "3 shots: RICES chose other examples"
+
+
 # ----------------------------------------------------------------------------- runs and commands
 
 
@@ -188,6 +210,27 @@ def test_ask_on_sample_photos(run_dir, tmp_path, capsys):
         ask.read_examples(bad, IMAGE_SIZE)
     assert ask.main(args + ["--examples", str(bad)]) == 1
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_ask_reads_examples_as_the_readers_do_and_fails_clearly(run_dir, tmp_path, capsys):
+    """`ask --examples`: the captions folder itself will do; JSON's raw U+2028 inside a string is not a
+    line break; a file that is not UTF-8, a negative --shots and a question longer than the context each
+    end with a one-line error (exit 1 or 2), not a traceback."""
+    args = ["--run", str(run_dir), "--image", str(SAMPLES / "chelsea.jpg")]
+    assert ask.main(args + ["--examples", str(SAMPLES), "--shots", "1"]) == 0  # the folder
+    assert capsys.readouterr().out.split("prompt: ")[1].count("<image>") == 2
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"image": str(SAMPLES / "chelsea.jpg"), "caption": "a cat\u2028twice"},
+                              ensure_ascii=False) + "\n", encoding="utf-8")
+    assert ask.read_examples(odd, IMAGE_SIZE)[0]["caption"] == "a cat\u2028twice"
+    odd.write_bytes(b'{"image": "chelsea.jpg", "caption": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    assert ask.main(args + ["--examples", str(odd)]) == 1
+    assert "odd.jsonl: not UTF-8" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        ask.main(args + ["--shots", "-1"])
+    assert e.value.code == 2 and "--shots must be >= 0" in capsys.readouterr().err
+    assert ask.main(args + ["--question", "why " * 300]) == 1
+    assert "ask a shorter question" in capsys.readouterr().err
 
 
 def test_kinds_split_the_total(tok, world):

@@ -20,6 +20,7 @@ from miniflamingo.trainutil import (
     load_checkpoint,
     save_checkpoint,
     seed_everything,
+    write_json,
 )
 
 
@@ -134,6 +135,27 @@ def test_interrupted_save_keeps_old_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["lm.pt"], "partial temp file left behind"
     old = load_checkpoint(path)
     assert old["step"] == 1 and torch.equal(old["w"], torch.ones(3))
+
+
+def test_write_json_interrupted_keeps_the_old_file(tmp_path, monkeypatch):
+    """eval.json, vision_eval.json and the demo's stages.json: a writer killed mid-write leaves the old
+    file whole and no temp file."""
+    path = tmp_path / "stages.json"
+    write_json({"vision": {"seconds": 1.0}}, path)
+    real_write_text = type(path).write_text
+
+    def dying_write_text(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2])  # half the bytes reach the temp file, then the crash
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(type(path), "write_text", dying_write_text)
+    with pytest.raises(KeyboardInterrupt):
+        write_json({"vision": {"seconds": 1.0}, "lm": {"seconds": 2.0}}, path)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["stages.json"], "partial temp file left behind"
+    assert json.loads(path.read_text()) == {"vision": {"seconds": 1.0}}
+    write_json({"lm": 2}, path)
+    assert json.loads(path.read_text()) == {"lm": 2}
 
 
 def test_missing_truncated_corrupt_checkpoints_name_the_file(tmp_path):
