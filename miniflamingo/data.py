@@ -84,6 +84,19 @@ def check_document(texts, images, where: str) -> None:
             raise DataError(f"{where}: texts[{i}] must be a string or null, got {type(t).__name__}")
 
 
+def check_trainable(texts, images, where: str) -> None:
+    """A training document read from a file needs an image and some text (readers.read_interleaved
+    checks it; DocumentDataset takes any document, as its property tests do). Both kinds are valid
+    OBELICS, but tokens before a row's first <image> carry no loss (phi = 0, paper 2.3): a document
+    without an image, or without any text, would be drawn and trained on for nothing (and one without
+    a single token breaks a batch later, far from its file)."""
+    if all(m is None for m in images):
+        raise DataError(f"{where}: no image: a text-only document gives Flamingo nothing to learn (no "
+                        f"loss before a row's first <image>)")
+    if not any(t.strip() for t in texts if t is not None):
+        raise DataError(f"{where}: no text: a document of images only gives Flamingo nothing to learn")
+
+
 def place_images(texts: list[list[int] | None], media: list, special, p_next: float = 0.0,
                  rng: np.random.Generator | None = None, sep: list[int] = ()) -> tuple[list[int], list]:
     """Aligned lists of already-encoded texts and media -> (ids, media in `<image>` order).

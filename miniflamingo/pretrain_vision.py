@@ -3,7 +3,8 @@ pairs (Flamingo App. B.1.3), then a held-out report. The model and loss are in c
 
 Notable features
 - Data: the synthetic world's `vision_pairs` (named shapes plus 48 blob shapes), or any folder with
-  captions.jsonl (`{"image": relpath, "caption": str}` per line; errors name the file and line).
+  captions.jsonl (`{"image": relpath, "caption": str}` per line), read by readers.py as `train` reads it
+  (letterboxed; errors name the file and line; every caption's length checked before training).
 - Hard negatives (a deviation, see `batch_indices`): part of each batch is groups of captions that differ
   in one word, so that shape, not just colour and position, tells pairs apart. `--size-twins` (off by
   default) makes size tell them apart too: see batch_indices.
@@ -31,16 +32,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from miniflamingo.agc import adaptive_grad_clip
 from miniflamingo.config import FlamingoConfig
 from miniflamingo.contrastive import ContrastiveConfig, ContrastiveModel
+from miniflamingo.data import DataError
 from miniflamingo.trainutil import (
     avoid_cudnn_attention,
     load_checkpoint,
     release_freed_memory,
     save_checkpoint,
+    write_json,
 )
 
 # What a resumed run must share with the checkpoint's (with the vision config): what defines its data,
@@ -86,40 +88,26 @@ def encode_texts(tok, texts: list[str], max_len: int) -> tuple[torch.Tensor, tor
 
 
 def load_captions_folder(folder: str | Path, image_size: int) -> list[dict]:
-    """A folder with captions.jsonl ({"image": relpath, "caption": str} per line) -> pairs, each image
-    resized (shorter side) and center-cropped to image_size. Errors name the file and line."""
-    folder = Path(folder)
-    path = folder / "captions.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no captions.jsonl in the data folder")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-    pairs = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            rel, caption = rec["image"], rec["caption"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: expected {{\"image\": relpath, \"caption\": str}} ({e})") from None
-        for field, value in (("image", rel), ("caption", caption)):
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"{path}:{n}: field {field!r} must be a non-empty string, got {value!r}")
-        try:
-            img = Image.open(folder / rel).convert("RGB")
-        except OSError as e:
-            raise ValueError(f"{path}:{n}: cannot read image {folder / rel} ({e})") from None
-        s = image_size / min(img.size)
-        img = img.resize((max(image_size, round(img.width * s)), max(image_size, round(img.height * s))))
-        left, top = (img.width - image_size) // 2, (img.height - image_size) // 2
-        img = img.crop((left, top, left + image_size, top + image_size))
-        pairs.append({"image": np.array(img, dtype=np.uint8), "caption": caption, "attrs": None})  # a copy
+    """A captions folder (captions.jsonl of {"image": relpath, "caption": str} per line; or the file) ->
+    pairs, read by readers.read_captions as `train` and `ask` read them: each image letterboxed to
+    image_size (the whole picture kept, black bars where its aspect ratio differs; the encoder trains on
+    what Flamingo will see), captions non-empty. Errors name the file and line."""
+    from miniflamingo.readers import read_captions
+
+    pairs, _ = read_captions(folder, image_size)
     if not pairs:
-        raise ValueError(f"{path}: no pairs")
-    return pairs
+        raise DataError(f"{folder}: no pairs")
+    return [{**p, "attrs": None} for p in pairs]
+
+
+def check_caption_lengths(tok, pairs: list[dict], max_len: int) -> None:
+    """Every caption fits the text tower (max_len tokens), held-out ones too, checked before training
+    starts: a long held-out caption would otherwise stop the run at its first evaluation."""
+    for p in pairs:
+        n = len(tok.encode_ordinary(p["caption"]))
+        if not 0 < n <= max_len:
+            raise DataError(f"{p.get('where', 'a caption')}: caption of {n} tokens; the text tower takes "
+                            f"1 to {max_len}: {p['caption'][:60]!r}")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -332,6 +320,12 @@ def load_data(args, image_size: int) -> dict:
     captions folder (then 10% of it is held out for retrieval, and there is no zero-shot test)."""
     if args.data:
         pairs = load_captions_folder(args.data, image_size)
+        if len(pairs) < 2:
+            raise DataError(f"{args.data}: {len(pairs)} pair; need at least 2 (a tenth is held out)")
+        # a fixed shuffle (not --seed's: the held-out set stays the same across seeds), so the held-out
+        # tenth is not whatever the file happens to begin with
+        order = np.random.default_rng(0).permutation(len(pairs))
+        pairs = [pairs[i] for i in order]
         n_eval = max(1, len(pairs) // 10)
         return {"train": pairs[n_eval:], "eval": pairs[:n_eval], "zero_shot": None, "colours": None,
                 "shapes": None, "partners": None}
@@ -406,7 +400,11 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
     ckpt_path, log_path = run / "vision.pt", run / "log.jsonl"
 
     t = time.perf_counter()
-    data = load_data(args, vision_cfg.image_size)
+    try:
+        data = load_data(args, vision_cfg.image_size)
+        check_caption_lengths(tok, data["train"] + data["eval"], cfg.max_len)
+    except DataError as e:
+        raise SystemExit(f"pretrain-vision: {e}") from None
     train_pairs = data["train"]
     images = images_to_tensor([p["image"] for p in train_pairs])  # uint8 (N, 3, H, W)
     for p in train_pairs:  # the tensor holds the pixels now; two copies doubled the stage's memory
@@ -478,7 +476,7 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
     metrics = {"step": step, "train_seconds": round(elapsed, 1), **metrics}
     checkpoint(step, elapsed, opt, metrics)
     log({"step": step, "eval": metrics})
-    (run / "vision_eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(metrics, run / "vision_eval.json", indent=2)  # atomic: never half-written
     shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
     print(f"held-out: {shown}\nwrote {ckpt_path}")
     return 0

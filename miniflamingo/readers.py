@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from miniflamingo.data import DataError, check_document
+from miniflamingo.data import DataError, check_document, check_trainable
 
 
 @dataclass
@@ -53,7 +54,7 @@ def letterbox(img: Image.Image, size: int) -> np.ndarray:
 
 def load_image(path: Path, size: int, where: str) -> np.ndarray:
     if not path.is_file():
-        raise DataError(f"{where}: image {str(path)!r} not found")
+        raise DataError(f"{where}: image {str(path)!r} {'is not a file' if path.exists() else 'not found'}")
     try:
         with Image.open(path) as img:
             return letterbox(img, size)
@@ -91,7 +92,8 @@ def _read_jsonl(path: Path, parse, skip_bad: bool) -> tuple[list, Report]:
 
 
 def read_captions(path: str | Path, image_size: int, skip_bad: bool = False) -> tuple[list[dict], Report]:
-    """A folder with captions.jsonl (or the JSONL file itself) -> ([{"image", "caption"}, ...], report)."""
+    """A folder with captions.jsonl (or the JSONL file itself) -> ([{"image", "caption", "where"}, ...],
+    report); "where" is the item's file:line."""
     path = Path(path)
     jsonl = path / "captions.jsonl" if path.is_dir() else path
 
@@ -99,8 +101,10 @@ def read_captions(path: str | Path, image_size: int, skip_bad: bool = False) -> 
         if not (isinstance(obj, dict) and isinstance(obj.get("image"), str)
                 and isinstance(obj.get("caption"), str)):
             raise DataError(f'{where}: expected {{"image": relpath, "caption": str}}, got {str(obj)[:80]}')
+        if not obj["caption"].strip():  # would teach the model to end the text right after an image
+            raise DataError(f"{where}: empty caption")
         image = load_image(jsonl.parent / obj["image"], image_size, where)
-        return {"image": image, "caption": obj["caption"]}
+        return {"image": image, "caption": obj["caption"], "where": where}  # where: for later checks
 
     return _read_jsonl(jsonl, parse, skip_bad)
 
@@ -115,6 +119,7 @@ def read_interleaved(path: str | Path, image_size: int, skip_bad: bool = False) 
             raise DataError(f'{where}: expected {{"texts": [...], "images": [...]}}, got {str(obj)[:80]}')
         texts, images = obj["texts"], obj["images"]
         check_document(texts, images, where)
+        check_trainable(texts, images, where)
         for i, m in enumerate(images):
             if m is not None and not isinstance(m, str):
                 raise DataError(f"{where}: images[{i}] must be a relative path or null, "
@@ -138,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-bad", action="store_true", help="skip bad items (counted and reported)")
     ap.add_argument("--p-next", type=float, default=0.0, help="image-placement augmentation (paper A.3.2)")
     args = ap.parse_args(argv)
+    if args.captions is None and args.interleaved is None:
+        ap.error("nothing to check: give --captions DIR and/or --interleaved FILE")
     tok = Tokenizer.default()
     rng = np.random.default_rng(0)
     for what, reader, build in [("captions", read_captions, DocumentDataset.from_pairs),
@@ -145,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         path = getattr(args, what)
         if path is None:
             continue
-        items, report = reader(path, args.image_size, skip_bad=args.skip_bad)
+        try:
+            items, report = reader(path, args.image_size, skip_bad=args.skip_bad)
+        except DataError as e:
+            print(f"data: {e}", file=sys.stderr)
+            return 1
         if not report.skipped:  # the reader already printed it
             print(report.summary())
         if items:

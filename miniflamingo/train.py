@@ -1,6 +1,8 @@
 """Stage 3 of training (DESIGN.md 4, paper 2.4 and App. B.1.2): Flamingo itself.
 
     python -m miniflamingo train --run runs/demo          # needs runs/demo/vision.pt and runs/demo/lm.pt
+    python -m miniflamingo train --run runs/mine --captions data_samples/captions --interleaved \
+        data_samples/interleaved.jsonl --vision runs/demo/vision.pt --lm runs/demo/lm.pt   # local data
     torchrun --nproc_per_node=2 -m miniflamingo train --run-dir runs/ddp   # DistributedDataParallel
     torchrun --nproc_per_node=2 -m miniflamingo train --run-dir runs/fsdp --fsdp   # sharded (FSDP)
 
@@ -11,7 +13,9 @@ Notable features
   change during this stage, so re-encoding the same pixels each step would be wasted work.
 - Each step sees one batch from every dataset and accumulates lambda_m * NLL_m over all of them before
   the optimizer step (paper 2.4: accumulating beat round-robin). Datasets here: the synthetic world's
-  interleaved documents (M3W-like), image-text pairs (ALIGN/LTIP-like), video-text pairs (VTP-like).
+  interleaved documents (M3W-like), image-text pairs (ALIGN/LTIP-like), video-text pairs (VTP-like);
+  or the user's own local files instead (`--captions DIR`, `--interleaved FILE`: readers.py's formats,
+  DESIGN.md 5), each source that is given.
 - AdamW, no weight decay on the resampler (paper App. B.1.2), linear warmup then constant or cosine,
   global gradient-norm clip 1.0.
 - Batch `step` is a pure function of (seed, step, rank) and checkpoints are atomic, so a run killed at
@@ -38,7 +42,7 @@ import torch.distributed as dist
 
 from miniflamingo import distributed
 from miniflamingo.config import FlamingoConfig
-from miniflamingo.data import DocumentDataset, MixtureSampler, Source
+from miniflamingo.data import DataError, DocumentDataset, MixtureSampler, Source
 from miniflamingo.flamingo import Flamingo
 from miniflamingo.pretrain_lm import auto_dtype
 from miniflamingo.trainutil import (
@@ -94,7 +98,7 @@ def world_data(vision, image_size: int, tok, args,
     """The synthetic world's three datasets, with every media replaced by its frozen features. rendered:
     render_world's result for these args, or None: render here."""
     t0 = time.perf_counter()
-    data = render_world(image_size, tok, args) if rendered is None else rendered
+    data = load_pixels(image_size, tok, args) if rendered is None else rendered
     t1 = time.perf_counter()
     # Each batch is encoded on one torch thread: on 2 threads some batches came out a few ulps apart from
     # 1 thread's (max 5e-7), and a run must not depend on who encoded its data or with how many threads.
@@ -111,9 +115,46 @@ def world_data(vision, image_size: int, tok, args,
                 for name, d in data.items()}
     finally:
         torch.set_num_threads(threads)
-    log(f"data: {args.docs} documents, {args.pairs} image-text pairs, {args.videos} videos "
-        f"{'rendered in %.1f s' % (t1 - t0) if rendered is None else 'rendered earlier'}, encoded by the "
+    what = ", ".join(f"{name} {len(d)}" for name, d in data.items())
+    source = "local files" if is_local(args) else "the synthetic world"
+    log(f"data: {what} from {source}, "
+        f"{'read in %.1f s' % (t1 - t0) if rendered is None else 'read earlier'}, encoded by the "
         f"frozen vision encoder in {time.perf_counter() - t1:.1f} s")
+    return data
+
+
+def is_local(args) -> bool:
+    return bool(args.captions or args.interleaved)
+
+
+def load_pixels(image_size: int, tok, args) -> dict[str, DocumentDataset]:
+    """The datasets in pixels: the user's local files when --captions or --interleaved is given (only
+    those: a real data set is not mixed with the synthetic world), else the world's three."""
+    return read_local(image_size, tok, args) if is_local(args) else render_world(image_size, tok, args)
+
+
+def read_local(image_size: int, tok, args) -> dict[str, DocumentDataset]:
+    """Real data from local files (readers.py, DESIGN.md 5): a captions folder becomes the image_text
+    dataset (paper 2.4: ALIGN/LTIP-like pairs), OBELICS/MMC4-style documents the interleaved one (M3W-like).
+    Letterboxed to the model's image size. Bad items fail the run naming file and line, or with
+    --skip-bad are skipped, counted and listed (readers.Report); a source left with nothing is an error."""
+    from miniflamingo import readers
+
+    data = {}
+    for name, path, read, build in (
+            ("image_text", args.captions, readers.read_captions, DocumentDataset.from_pairs),
+            ("interleaved", args.interleaved, readers.read_interleaved, DocumentDataset.from_documents)):
+        if path is None:
+            continue
+        try:
+            items, report = read(path, image_size, skip_bad=args.skip_bad)
+        except DataError as e:
+            raise SystemExit(f"train: {e}") from None
+        if not items:
+            raise SystemExit(f"train: {path}: no usable item ({report.read} read, {len(report.skipped)} "
+                             f"skipped)")
+        log(report.summary().splitlines()[0])
+        data[name] = build(items, tok)
     return data
 
 
@@ -133,12 +174,12 @@ def render_world(image_size: int, tok, args) -> dict[str, DocumentDataset]:
 
 
 def render_data(argv: list[str]) -> dict:
-    """render_world for a `train` command line: the first half of prepare_data, which needs no checkpoint."""
+    """load_pixels for a `train` command line: the first half of prepare_data, which needs no checkpoint."""
     from miniflamingo.tokenizer import Tokenizer
 
     args, overrides = parse_args(argv)
     cfg = FlamingoConfig.preset(args.preset).override(overrides)
-    return {"argv": list(argv), "data": render_world(cfg.vision.image_size, Tokenizer.default(), args)}
+    return {"argv": list(argv), "data": load_pixels(cfg.vision.image_size, Tokenizer.default(), args)}
 
 
 def prepare_data(argv: list[str], rendered: dict | None = None) -> dict:
@@ -168,8 +209,12 @@ def world_sources(data: dict[str, DocumentDataset], cfg: FlamingoConfig, args,
     batch = {"interleaved": args.batch_size, "image_text": args.pair_batch_size,
              "video_text": args.video_batch_size}
     seq_len = min(args.seq_len, cfg.lm.context_length)
-    return [Source(name, data[name], weights[name], batch[name], seq_len=seq_len,
-                   max_media=cfg.max_media, p_next=args.p_next) for name in data if weights[name] > 0]
+    sources = [Source(name, data[name], weights[name], batch[name], seq_len=seq_len,
+                      max_media=cfg.max_media, p_next=args.p_next) for name in data if weights[name] > 0]
+    if not sources:
+        raise SystemExit(f"train: no dataset with a weight above 0: datasets {sorted(data)}, --weights "
+                         f"{weights}")
+    return sources
 
 
 def log(msg: str) -> None:
@@ -183,7 +228,8 @@ def log(msg: str) -> None:
 def parse_args(argv):
     ap = argparse.ArgumentParser(
         prog="python -m miniflamingo train",
-        description="Train Flamingo's resampler and gated xattn-dense layers on the synthetic world.",
+        description="Train Flamingo's resampler and gated xattn-dense layers on the synthetic world, or on "
+                    "local files (--captions, --interleaved).",
         epilog="Any other --part.field=value argument overrides the preset's config, e.g. --xattn.every=2.",
     )
     # torchrun's own parser takes "--run" for an abbreviation of its --run-path, hence the alias
@@ -208,6 +254,14 @@ def parse_args(argv):
                     help="share of binding documents whose words name the vision stage's blob shapes instead "
                          "of the named ones (default 0; the demo uses 0.3: novel-shape binding 84.5 / "
                          "57.8%% -> 88.3 / 70.7%% over four seeds, README)")
+    ap.add_argument("--captions", default=None,
+                    help="train on local image-text pairs instead of the world: a folder with captions.jsonl "
+                         "(DESIGN.md 5; or the file), as `python -m miniflamingo data` reads it")
+    ap.add_argument("--interleaved", default=None,
+                    help="train on local OBELICS/MMC4-style JSONL documents instead of the world's")
+    ap.add_argument("--skip-bad", action="store_true",
+                    help="with --captions / --interleaved: skip bad items (counted and listed) instead of "
+                         "stopping at the first")
     ap.add_argument("--pairs", type=int, default=2000, help="image-text pairs drawn from the world")
     ap.add_argument("--videos", type=int, default=600, help="video-text pairs drawn from the world")
     ap.add_argument("--seq-len", type=int, default=256, help="paper A.3: 256-token subsequences")
@@ -364,7 +418,7 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
     logger = JsonlLogger(run / "train_log.jsonl") if rank == 0 else None
     progress = Progress(stop, start=step, every=args.log_every, desc="train ", stream=None if rank == 0 else
                         open(os.devnull, "w"))  # noqa: SIM115
-    t_start = time.perf_counter()
+    t_start, empty_batches = time.perf_counter(), 0
     model.train()
     while step < stop:
         lr = get_lr(step, args.lr, args.warmup, args.steps, args.schedule)
@@ -383,7 +437,8 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
             n_global = n_local if world_size == 1 else int(
                 distributed.global_count(torch.tensor(n_local, device=device), world_size))
             if n_global == 0:
-                continue  # nothing to predict in this batch (no text after an <image>)
+                empty_batches += 1  # nothing to predict in this batch (no text after an <image>): counted,
+                continue  # and said at the end
             with autocast:
                 _, loss = ddp(x, vision_features=feats, targets=y, media_frames=frames,
                               return_logits=False, media_checked=True)  # collate checked the media
@@ -428,6 +483,9 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
     g = gates(model)
     log(f"step {step}/{args.steps}: {time.perf_counter() - t_start:.0f} s; tanh(attn gates) {g['attn']}, "
         f"tanh(ffw gates) {g['ffw']}; checkpoint {ckpt_path}")
+    if empty_batches:
+        log(f"{empty_batches} batches had no token to predict (no text after an <image> in any row) and "
+            f"were skipped")
     if fsdp:
         log(f"parameters sharded across {world_size} ranks (FSDP)")
     elif world_size > 1:

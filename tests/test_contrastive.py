@@ -284,25 +284,36 @@ def test_batch_indices_deterministic_unique_and_grouped():
 
 
 def test_captions_folder_errors_name_file_and_line(tmp_path):
+    """pretrain-vision --data reads captions as readers.py does (errors name file and line), and checks
+    every caption's length, held-out ones too, before a step is trained."""
     Image.fromarray(shape_pairs(1)[0]["image"]).save(tmp_path / "a.png")
     good, bad = '{"image": "a.png", "caption": "a red circle"}', '{"image": "a.png"}'
     (tmp_path / "captions.jsonl").write_text(good + "\n" + bad + "\n")
     with pytest.raises(ValueError, match=r"captions.jsonl:2"):
         P.load_captions_folder(tmp_path, 32)
     (tmp_path / "captions.jsonl").write_text('{"image": "missing.png", "caption": "x"}\n')
-    with pytest.raises(ValueError, match=r"captions.jsonl:1: cannot read image .*missing.png"):
+    with pytest.raises(ValueError, match=r"captions.jsonl:1: image .*missing.png' not found"):
         P.load_captions_folder(tmp_path, 32)
-    with pytest.raises(FileNotFoundError, match="captions.jsonl"):
+    with pytest.raises(ValueError, match="nowhere: file not found"):
         P.load_captions_folder(tmp_path / "nowhere", 32)
-    for line, field in (('{"image": 5, "caption": "x"}', "image"),
-                        ('{"image": "a.png", "caption": 3}', "caption"),
-                        ('{"image": "a.png", "caption": " "}', "caption")):
+    for line, message in (('{"image": 5, "caption": "x"}', "expected"),
+                          ('{"image": "a.png", "caption": 3}', "expected"),
+                          ('{"image": "a.png", "caption": " "}', "empty caption")):
         (tmp_path / "captions.jsonl").write_text(good + "\n" + line + "\n")
-        with pytest.raises(ValueError, match=rf"captions.jsonl:2: field '{field}' must be a non-empty"):
+        with pytest.raises(ValueError, match=rf"captions.jsonl:2: {message}"):
             P.load_captions_folder(tmp_path, 32)
     (tmp_path / "captions.jsonl").write_bytes(good.encode() + b"\n\xff\xfe\n")
     with pytest.raises(ValueError, match=r"captions.jsonl: not UTF-8 text"):
         P.load_captions_folder(tmp_path, 32)
+    # JSON allows a raw U+2028 inside a string: not a line break (str.splitlines would split there)
+    (tmp_path / "captions.jsonl").write_text(good[:-2] + '\u2028twice"}\n', encoding="utf-8")
+    assert P.load_captions_folder(tmp_path, 32)[0]["caption"] == "a red circle\u2028twice"
+    # a caption too long for the text tower, wherever the shuffle puts it: named before training
+    lines = [good] * 9 + ['{"image": "a.png", "caption": "%s"}' % ("word " * 80)]
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit, match=r"captions.jsonl:10: caption of \d+ tokens"):
+        P.main(["--data", str(tmp_path), "--run", str(tmp_path / "run"), "--steps", "1", "--threads", "1"])
+    assert not (tmp_path / "run" / "vision.pt").exists()
 
 
 # ----------------------------------------------------------------------------- the command

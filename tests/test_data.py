@@ -356,15 +356,21 @@ BAD_CAPTIONS = {
     "unreadable image": ('{"image": "garbage.jpg", "caption": "x"}', "cannot read image"),
     "malformed line": ('{"image": "ok.png", "caption": ', "malformed JSON"),
     "wrong field": ('{"img": "ok.png", "caption": "x"}', "expected"),
+    "empty caption": ('{"image": "ok.png", "caption": "  "}', "empty caption"),
+    "image is a folder": ('{"image": ".", "caption": "x"}', "is not a file"),
 }
 BAD_DOCS = {
     "lengths differ": ('{"texts": ["a", null], "images": [null]}',
                        "'texts' has 2 entries but 'images' has 1"),
     "both set": ('{"texts": ["a"], "images": ["ok.png"]}', "both of texts[0] and images[0]"),
     "neither set": ('{"texts": ["a", null], "images": [null, null]}', "neither of texts[1] and images[1]"),
-    "missing image": ('{"texts": [null], "images": ["nope.png"]}', "not found"),
-    "unreadable image": ('{"texts": [null], "images": ["garbage.jpg"]}', "cannot read image"),
+    "missing image": ('{"texts": [null, "x"], "images": ["nope.png", null]}', "not found"),
+    "unreadable image": ('{"texts": [null, "x"], "images": ["garbage.jpg", null]}', "cannot read image"),
     "malformed line": ("[1, 2", "malformed JSON"),
+    # valid OBELICS, but no loss could ever come from them (nothing after an <image> to predict)
+    "text only": ('{"texts": ["a", "b"], "images": [null, null]}', "no image"),
+    "images only": ('{"texts": [null], "images": ["ok.png"]}', "no text"),
+    "blank text": ('{"texts": [null, " "], "images": ["ok.png", null]}', "no text"),
 }
 
 

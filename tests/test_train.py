@@ -194,6 +194,47 @@ def test_wrong_checkpoints_fail_naming_the_file(tmp_path):
         train_mod.main(run)
 
 
+def test_trains_on_local_files_only_those_it_is_given(tmp_path, monkeypatch):
+    """`train --captions DIR --interleaved FILE` (DESIGN.md 5: real data through the same pipeline): the
+    mixture holds exactly the local sources, every one of their media encoded once, and the run trains
+    on them; bad data stops the run naming file and line, or is skipped and counted with --skip-bad."""
+    from miniflamingo import train as train_mod
+    from miniflamingo.data import MixtureSampler
+
+    pretrained_stand_ins(tmp_path)
+    samples = ROOT / "data_samples"
+    seen = {}
+    real_init = MixtureSampler.__init__
+
+    def spy(self, sources, *a, **kw):
+        seen.update({s.name: len(s.data) for s in sources})
+        real_init(self, sources, *a, **kw)
+
+    monkeypatch.setattr(MixtureSampler, "__init__", spy)
+    run = ["--run", str(tmp_path), "--steps", "2", "--batch-size", "2", "--pair-batch-size", "2",
+           "--threads", "1", "--log-every", "1"]
+    n_pairs = len((samples / "captions" / "captions.jsonl").read_text().strip().split("\n"))
+    n_docs = len((samples / "interleaved.jsonl").read_text().strip().split("\n"))
+    assert train_mod.main([*run, "--captions", str(samples / "captions"),
+                           "--interleaved", str(samples / "interleaved.jsonl")]) == 0
+    assert seen == {"image_text": n_pairs, "interleaved": n_docs}, "the world's datasets crept in"
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(r["loss_image_text"] > 0 for r in log)
+
+    bad = tmp_path / "bad.jsonl"
+    cat = str(samples / "captions" / "chelsea.jpg")
+    good = json.dumps({"texts": [None, "a photo"], "images": [cat, None]})
+    bad.write_text(good + "\n" + json.dumps({"texts": ["only text"], "images": [None]}) + "\n")
+    with pytest.raises(SystemExit, match=r"bad\.jsonl:2: no image"):
+        train_mod.main(["--run", str(tmp_path / "b"), "--vision", str(tmp_path / "vision.pt"),
+                        "--lm", str(tmp_path / "lm.pt"), "--interleaved", str(bad), "--steps", "1"])
+    seen.clear()
+    assert train_mod.main(["--run", str(tmp_path / "c"), "--vision", str(tmp_path / "vision.pt"),
+                           "--lm", str(tmp_path / "lm.pt"), "--interleaved", str(bad), "--skip-bad",
+                           "--steps", "1", "--batch-size", "1", "--threads", "1"]) == 0
+    assert seen == {"interleaved": 1}
+
+
 def test_resume_with_other_optimizer_groups_fails_clearly(tmp_path):
     pretrained_stand_ins(tmp_path)
     r = train(tmp_path, "--steps", "1", "--seed", "0")
