@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 6, as one script for a short lease of a GPU machine (see README, Performance):
+# The GPU checks of issue 6, as one script for a short lease of a GPU machine (see README, "Results so far"):
 # MFU of the Flamingo step at the small preset in bf16 at batch 512: eager, eager with the host queueing
 # ahead (--overlap) and with each block compiled (--compile regions), with device-time profiles of one
 # step; then the whole demo pipeline in its quick form on the GPU. About 8 minutes on a machine that has

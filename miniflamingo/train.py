@@ -284,8 +284,8 @@ def parse_args(argv):
                     help="bf16 autocast; auto: the LM's measured rule (bf16 on GPUs, on CPU from width 256)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile each LM block, xattn layer and resampler layer (trainutil."
-                         "compile_regions). Measured (README, Performance): 672 -> 627 ms a step on an H200 "
-                         "at batch 512, no gain on a CPU; minutes of compiling first")
+                         "compile_regions). Measured (README, 'Results so far'): 672 -> 627 ms a step on an "
+                         "H200 at batch 512, no gain on a CPU; minutes of compiling first")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--world-seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=20)
