@@ -479,4 +479,7 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
     write_json(metrics, run / "vision_eval.json", indent=2)  # atomic: never half-written
     shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
     print(f"held-out: {shown}\nwrote {ckpt_path}")
+    if metrics["n_retrieval"] < 10:  # R@1 picks among the held-out captions: among a handful, chance is high
+        print(f"(retrieval R@1 over {metrics['n_retrieval']} held-out caption(s): chance is "
+              f"{1 / metrics['n_retrieval']:.0%}; a tenth of the folder is held out: more pairs tell more)")
     return 0
