@@ -43,6 +43,9 @@ def read_examples(path, image_size: int) -> list[dict]:
                                 f'{"nothing" if k not in obj else type(obj[k]).__name__} (expected '
                                 f'{{"image": relpath, "caption": str}} or {{"image": relpath, "question": '
                                 f'str, "answer": str}})')
+        blank = [k for k in texts if not obj[k].strip()]
+        if blank:
+            raise DataError(f'{where}: empty "{blank[0]}"')
         return {**{k: obj[k] for k in texts}, "image": load_image(jsonl.parent / obj["image"], image_size,
                                                                   where)}
 
@@ -66,22 +69,24 @@ def ask(model, tok, image, question: str | None = None, examples: list[dict] = (
     n = min(shots, len(pool))
     order = fs.rices_support(fs.pooled(features[:1])[0], fs.pooled(features[1:]), n) if n else []
     wanted, context = n, model.cfg.lm.context_length
-    while True:
-        if n:
-            support = [shot(features[1 + j], pool[j]) for j in order[len(order) - n:]]
-        else:
-            support = fs.text_only([shot(None, x) for x in pool[:2]])
-        prompt = fs.build_prompt(tok, support, shot(features[0]))
-        if len(prompt.ids) + task.max_new_tokens <= context:
-            break
-        if n == 0:  # not even zero-shot fits: the question itself is too long
-            query = fs.build_prompt(tok, [], shot(features[0]))
-            raise ValueError(f"the prompt needs {len(query.ids)} tokens without examples (plus "
-                             f"{task.max_new_tokens} for the answer); the model's context is {context} "
-                             f"tokens: ask a shorter question")
-        n -= 1  # drop the least similar example
-    if n < wanted:
-        print(f"(using {n} of {wanted} examples: the prompt must fit the model's {context}-token context)")
+
+    def fits(prompt) -> bool:
+        return len(prompt.ids) + task.max_new_tokens <= context
+
+    # RICES examples, the least similar dropped first; then zero-shot with two, one, no text-only examples
+    candidates = [[shot(features[1 + j], pool[j]) for j in order[len(order) - k:]] for k in range(n, 0, -1)]
+    candidates += [fs.text_only([shot(None, x) for x in pool[:k]]) for k in range(min(2, len(pool)), -1, -1)]
+    prompts = (fs.build_prompt(tok, c, shot(features[0])) for c in candidates)  # built as tried
+    prompt = next((p for p in prompts if fits(p)), None)
+    if prompt is None:  # not even the bare query fits: the question itself is too long
+        query = fs.build_prompt(tok, [], shot(features[0]))
+        raise ValueError(f"the prompt needs {len(query.ids)} tokens without examples (plus "
+                         f"{task.max_new_tokens} for the answer); the model's context is {context} tokens: "
+                         f"ask a shorter question")
+    used = len(prompt.media) - 1  # the examples' images (text-only ones have none), not the query's
+    if used < wanted:
+        print(f"(using {used} of {wanted} examples with images: the prompt must fit the model's "
+              f"{context}-token context)")
     return fs.generate_answers(model, tok, [prompt], task.max_new_tokens)[0], prompt
 
 

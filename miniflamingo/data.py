@@ -265,7 +265,7 @@ class DocumentDataset:
         `<image>{caption}<|endofchunk|>`."""
         docs = []
         for p, pair in enumerate(pairs):
-            m = pair.get("image", pair.get("video"))
+            m = pair["image"] if pair.get("image") is not None else pair.get("video")
             if m is None or not isinstance(pair.get("caption"), str):
                 raise DataError(f"pair {p}: expected keys 'image' or 'video', and 'caption' (str)")
             docs.append({"texts": [None, pair["caption"]], "images": [m, None]})

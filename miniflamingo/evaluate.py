@@ -164,15 +164,20 @@ def open_cell(model, tok, task: Task, queries, pool, n_shots: int, rng_key: list
         if n_shots and features is not None:  # RICES: most similar last
             support = [item_shot(pool[j]) for j in fs.rices_support(features[0][i], features[1], n_shots)]
         prompts.append(fs.build_prompt(tok, support, item_shot(query, with_answer=False)))
-    if max(len(p.ids) for p in prompts + random_prompts) + task.max_new_tokens > model.cfg.lm.context_length:
+    def fit(ps) -> bool:
+        return max(len(p.ids) for p in ps) + task.max_new_tokens <= model.cfg.lm.context_length
+
+    if not fit(prompts):
         return None, None, []
     predictions = fs.generate_answers(model, tok, prompts, task.max_new_tokens, batch_size=batch_size)
     # The blind row sees no pixel of the query, not even through the choice of its examples: with RICES
     # its prompts are the random-support ones (RICES picks examples by the query's image, and a blind
     # model that copies the most similar example's answer would be reading the image through them).
-    blind = fs.generate_answers(model, tok, random_prompts, task.max_new_tokens, blind=True,
-                                batch_size=batch_size)
-    return score(task.metric, predictions, queries), score(task.metric, blind, queries), predictions
+    blind = None
+    if fit(random_prompts):
+        blind = score(task.metric, fs.generate_answers(model, tok, random_prompts, task.max_new_tokens,
+                                                       blind=True, batch_size=batch_size), queries)
+    return score(task.metric, predictions, queries), blind, predictions
 
 
 def close_cell(model, tok, episodes: list[dict], n_perm: int, seed: int,

@@ -268,6 +268,7 @@ def permutations(n: int, n_perm: int, rng: np.random.Generator) -> list[list[int
     """The identity, then distinct random orders of n support examples: min(n_perm, n!) in all."""
     if n < 8 and math.factorial(n) <= n_perm:  # few enough: all of them
         return [list(p) for p in itertools.permutations(range(n))]
+    n_perm = min(n_perm, math.factorial(n))  # more distinct orders than exist would never be drawn
     perms, seen = [list(range(n))], {tuple(range(n))}
     while len(perms) < n_perm:
         p = rng.permutation(n).tolist()

@@ -41,14 +41,18 @@ from miniflamingo.trainutil import (
     avoid_cudnn_attention,
     load_checkpoint,
     release_freed_memory,
+    resume_mismatches,
     save_checkpoint,
     write_json,
 )
 
 # What a resumed run must share with the checkpoint's (with the vision config): what defines its data,
 # batches and schedule. --steps and --seconds may grow (the schedule then stretches from where it is).
-RESUME_ARGS = ("preset", "data", "n_train", "size_twins", "seed", "batch_size", "hard_fraction", "hard_group",
-               "lr", "weight_decay", "agc")
+RESUME_ARGS = ("preset", "data", "data_format", "n_train", "size_twins", "seed", "batch_size",
+               "hard_fraction", "hard_group", "lr", "weight_decay", "agc")
+# How a --data folder becomes pairs and a held-out set; saved with the run's args, so that a checkpoint
+# from an older reading (centre-cropped, the file's first tenth held out) is not resumed on this one.
+DATA_FORMAT = "readers.read_captions, letterboxed; held-out tenth after a seed-0 shuffle"
 
 # ----------------------------------------------------------------------------- data
 
@@ -321,7 +325,7 @@ def load_data(args, image_size: int) -> dict:
     if args.data:
         pairs = load_captions_folder(args.data, image_size)
         if len(pairs) < 2:
-            raise DataError(f"{args.data}: {len(pairs)} pair; need at least 2 (a tenth is held out)")
+            raise DataError(f"{args.data}: one pair; need at least 2 (a tenth is held out)")
         # a fixed shuffle (not --seed's: the held-out set stays the same across seeds), so the held-out
         # tenth is not whatever the file happens to begin with
         order = np.random.default_rng(0).permutation(len(pairs))
@@ -352,7 +356,8 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
     ap.add_argument("--run", default="runs/vision",
                     help="output folder: vision.pt, log.jsonl, vision_eval.json")
     ap.add_argument("--preset", default="tiny", help="FlamingoConfig preset whose vision config is trained")
-    ap.add_argument("--data", default=None, help="folder with captions.jsonl (default: the synthetic world)")
+    ap.add_argument("--data", default=None,
+                    help="folder with captions.jsonl, or the file (default: the synthetic world)")
     ap.add_argument("--steps", type=int, default=400, help="training steps (0 = until --seconds)")
     ap.add_argument("--seconds", type=float, default=None,
                     help="also stop after this much training time (the schedule follows the sooner end)")
@@ -381,6 +386,7 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
     args, extra = ap.parse_known_args(argv)
     if not args.steps and not args.seconds:
         ap.error("give --steps or --seconds")
+    args.data_format = DATA_FORMAT if args.data else None  # saved with the args: see RESUME_ARGS
     if args.size_twins and args.data:
         ap.error("--size-twins re-renders the synthetic world's scenes; a --data folder has none")
     if not 0.0 <= args.size_twins <= 1.0:
@@ -426,8 +432,7 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
         # The same model and the same data stream, or resuming would silently train another run.
         differ = [f"vision config ({ck['config']} != {asdict(vision_cfg)})"] if ck["config"] != asdict(
             vision_cfg) else []
-        differ += [f"--{k.replace('_', '-')} ({ck['args'].get(k)!r} != {getattr(args, k)!r})"
-                   for k in RESUME_ARGS if ck["args"].get(k) != getattr(args, k)]
+        differ += resume_mismatches(ck["args"], args, RESUME_ARGS)
         if differ:
             raise SystemExit(f"pretrain-vision: {ckpt_path} was trained with another {'; '.join(differ)}; "
                              f"use the same options to resume, or another --run")
@@ -470,7 +475,8 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
     neighbours = one_word_neighbours([p["caption"] for p in train_pairs]) if args.hard_fraction > 0 else None
     step, elapsed = train(model, opt, images, ids, mask, args, log, step, elapsed, checkpoint, neighbours,
                           interim_eval, partners=data["partners"], on_step=on_step,
-                          data_name=f"{args.data}/captions.jsonl" if args.data else
+                          data_name=str(Path(args.data) / "captions.jsonl" if Path(args.data).is_dir()
+                                        else args.data) if args.data else
                           f"the synthetic world's pairs (--seed {args.seed})", ckpt_path=ckpt_path)
     metrics = held_out()
     metrics = {"step": step, "train_seconds": round(elapsed, 1), **metrics}
@@ -481,5 +487,5 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
     print(f"held-out: {shown}\nwrote {ckpt_path}")
     if metrics["n_retrieval"] < 10:  # R@1 picks among the held-out captions: among a handful, chance is high
         print(f"(retrieval R@1 over {metrics['n_retrieval']} held-out caption(s): chance is "
-              f"{1 / metrics['n_retrieval']:.0%}; a tenth of the folder is held out: more pairs tell more)")
+              f"{1 / metrics['n_retrieval']:.0%}; more held-out pairs tell more)")
     return 0

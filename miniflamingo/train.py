@@ -54,6 +54,7 @@ from miniflamingo.trainutil import (
     get_lr,
     load_checkpoint,
     release_freed_memory,
+    resume_mismatches,
     save_checkpoint,
     seed_everything,
 )
@@ -91,6 +92,15 @@ def build_model(cfg: FlamingoConfig, run: Path, vision_path=None, lm_path=None) 
     model.load_pretrained(vision_state=load_part("vision", vision_path or run / "vision.pt", cfg.vision),
                           lm_state=load_part("lm", lm_path or run / "lm.pt", cfg.lm))
     return model
+
+
+# What a resumed run must share with its checkpoint (besides the config, checked as a whole): what
+# defines its data, batches and schedule shape. --steps, --stop-at and --seconds may change (a run may
+# be stopped early and continued, or extended); the thread count and --log-every change nothing.
+RESUME_ARGS = ("preset", "captions", "interleaved", "skip_bad", "docs", "families", "blob_binding", "pairs",
+               "videos", "weights", "seq_len", "p_next", "batch_size", "pair_batch_size", "video_batch_size",
+               "lr", "gate_lr_mult", "warmup", "schedule", "weight_decay", "grad_clip", "train_lm", "seed",
+               "world_seed")
 
 
 def world_data(vision, image_size: int, tok, args,
@@ -153,7 +163,8 @@ def read_local(image_size: int, tok, args) -> dict[str, DocumentDataset]:
         if not items:
             raise SystemExit(f"train: {path}: no usable item ({report.read} read, {len(report.skipped)} "
                              f"skipped)")
-        log(report.summary().splitlines()[0])
+        if not report.skipped:  # else the reader has printed its report, skips listed
+            log(report.summary())
         data[name] = build(items, tok)
     return data
 
@@ -385,6 +396,10 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
         if state["config"] != cfg.to_dict():
             raise SystemExit(f"train: {ckpt_path} holds another config; use another --run or the same "
                              f"options")
+        differ = resume_mismatches(state.get("args", {}), args, RESUME_ARGS)
+        if differ:
+            raise SystemExit(f"train: cannot resume {ckpt_path}: it was trained with another "
+                             f"{'; '.join(differ)}; use the same options, or another --run")
         try:
             if fsdp:
                 distributed.load_state_dicts(model, opt, state["model"], state["optimizer"])
@@ -399,7 +414,8 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
     dtype = auto_dtype(cfg.lm, device) if args.dtype == "auto" else args.dtype
     log(f"Flamingo ({args.preset}): {n['total'] / 1e6:.2f}M parameters, {trained / 1e6:.2f}M trained "
         f"(resampler {n['resampler'] / 1e6:.2f}M, xattn {n['xattn'] / 1e6:.2f}M); {world_size} process(es) "
-        f"on {device} in {dtype}{', FSDP' if fsdp else ''}; lambda {weights}")
+        f"on {device} in {dtype}{', FSDP' if fsdp else ''}; lambda "
+        f"{ {name: w for name, w in weights.items() if name in data} }")
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 and not fsdp else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 

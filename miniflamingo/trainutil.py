@@ -164,17 +164,30 @@ def save_checkpoint(path, state: dict) -> None:
             os.close(dfd)
 
 
+def resume_mismatches(saved_args: dict, args, names) -> list[str]:
+    """The options among `names` that differ from those a checkpoint was trained with, as
+    "--name (saved != now)": resuming with another data stream or schedule would silently train another
+    run than the one the checkpoint began."""
+    return [f"--{k.replace('_', '-')} ({saved_args.get(k)!r} != {getattr(args, k)!r})"
+            for k in names if saved_args.get(k) != getattr(args, k)]
+
+
 def write_json(obj, path, indent: int = 1) -> None:
     """Write `obj` as JSON atomically (a temp file in the same folder, then a rename): a run killed
     mid-write leaves the old file or the new one, never a truncated one that the next run cannot read."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(obj, indent=indent) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it visible
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-write (SIGKILL)
+        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

@@ -308,10 +308,15 @@ def test_captions_folder_errors_name_file_and_line(tmp_path):
     # JSON allows a raw U+2028 inside a string: not a line break (str.splitlines would split there)
     (tmp_path / "captions.jsonl").write_text(good[:-2] + '\u2028twice"}\n', encoding="utf-8")
     assert P.load_captions_folder(tmp_path, 32)[0]["caption"] == "a red circle\u2028twice"
-    # a caption too long for the text tower, wherever the shuffle puts it: named before training
-    lines = [good] * 9 + ['{"image": "a.png", "caption": "%s"}' % ("word " * 80)]
+    # a caption too long for the text tower, on the line the shuffle holds out (so a check of the training
+    # pairs alone would miss it): named before any step is trained
+    lines = [good] * 10
+    held = int(np.random.default_rng(0).permutation(10)[0])  # load_data's shuffle; checked just below
+    lines[held] = '{"image": "a.png", "caption": "%s"}' % ("word " * 80)
     (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(SystemExit, match=r"captions.jsonl:10: caption of \d+ tokens"):
+    data = P.load_data(argparse.Namespace(data=str(tmp_path)), 32)
+    assert [p["where"] for p in data["eval"]] == [f"{tmp_path / 'captions.jsonl'}:{held + 1}"]
+    with pytest.raises(SystemExit, match=rf"captions.jsonl:{held + 1}: caption of \d+ tokens"):
         P.main(["--data", str(tmp_path), "--run", str(tmp_path / "run"), "--steps", "1", "--threads", "1"])
     assert not (tmp_path / "run" / "vision.pt").exists()
 
@@ -365,6 +370,13 @@ def test_command_end_to_end_and_resume(tmp_path, monkeypatch):
     # resuming with another batch size (another data stream) is refused, naming the option
     with pytest.raises(SystemExit, match=r"another --batch-size \(8 != 4\)"):
         P.main(["--run", str(tmp_path / "b"), "--resume", *common, "--batch-size", "4"])
+    # a checkpoint from before --data was read as it is now (centre-cropped, the file's first tenth held
+    # out) has no data_format among its args: refused, not resumed on other pairs
+    old = torch.load(tmp_path / "b" / "vision.pt", weights_only=True)
+    del old["args"]["data_format"]
+    save(tmp_path / "b" / "vision.pt", old)
+    with pytest.raises(SystemExit, match=r"another --data-format \(None != 'readers"):
+        P.main(["--run", str(tmp_path / "b"), "--resume", *common])
 
 
 def test_nan_loss_stops_naming_step_data_and_checkpoint(tmp_path, monkeypatch):

@@ -212,7 +212,7 @@ def test_ask_on_sample_photos(run_dir, tmp_path, capsys):
     assert "bad.jsonl:2" in capsys.readouterr().err
 
 
-def test_ask_reads_examples_as_the_readers_do_and_fails_clearly(run_dir, tmp_path, capsys):
+def test_ask_reads_examples_as_the_readers_do_and_fails_clearly(run_dir, tmp_path, capsys, tok):
     """`ask --examples`: the captions folder itself will do; JSON's raw U+2028 inside a string is not a
     line break; a file that is not UTF-8, a negative --shots and a question longer than the context each
     end with a one-line error (exit 1 or 2), not a traceback."""
@@ -231,6 +231,12 @@ def test_ask_reads_examples_as_the_readers_do_and_fails_clearly(run_dir, tmp_pat
     assert e.value.code == 2 and "--shots must be >= 0" in capsys.readouterr().err
     assert ask.main(args + ["--question", "why " * 300]) == 1
     assert "ask a shorter question" in capsys.readouterr().err
+    # an example too long for the context: dropped, then its text-only form too; the bare query still goes
+    model, image = tiny_model(), np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    long = {"image": image, "caption": "word " * model.cfg.lm.context_length}
+    _, prompt = ask.ask(model, tok, image, None, [long], shots=1)
+    assert len(prompt.media) == 1 and "word" not in tok.decode(prompt.ids)
+    assert "using 0 of 1 examples" in capsys.readouterr().out
 
 
 def test_kinds_split_the_total(tok, world):

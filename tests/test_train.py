@@ -194,10 +194,11 @@ def test_wrong_checkpoints_fail_naming_the_file(tmp_path):
         train_mod.main(run)
 
 
-def test_trains_on_local_files_only_those_it_is_given(tmp_path, monkeypatch):
+def test_trains_on_local_files_only_those_it_is_given(tmp_path, monkeypatch, capsys):
     """`train --captions DIR --interleaved FILE` (DESIGN.md 5: real data through the same pipeline): the
-    mixture holds exactly the local sources, every one of their media encoded once, and the run trains
-    on them; bad data stops the run naming file and line, or is skipped and counted with --skip-bad."""
+    mixture holds exactly the local sources, every item of them, and the run trains on both; bad data
+    stops the run naming file and line, or with --skip-bad is skipped, counted and named; resuming on
+    other data is refused."""
     from miniflamingo import train as train_mod
     from miniflamingo.data import MixtureSampler
 
@@ -219,7 +220,8 @@ def test_trains_on_local_files_only_those_it_is_given(tmp_path, monkeypatch):
                            "--interleaved", str(samples / "interleaved.jsonl")]) == 0
     assert seen == {"image_text": n_pairs, "interleaved": n_docs}, "the world's datasets crept in"
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2] and all(r["loss_image_text"] > 0 for r in log)
+    assert [r["step"] for r in log] == [1, 2]
+    assert all(r["loss_image_text"] > 0 and r["loss_interleaved"] > 0 for r in log), log
 
     bad = tmp_path / "bad.jsonl"
     cat = str(samples / "captions" / "chelsea.jpg")
@@ -229,10 +231,18 @@ def test_trains_on_local_files_only_those_it_is_given(tmp_path, monkeypatch):
         train_mod.main(["--run", str(tmp_path / "b"), "--vision", str(tmp_path / "vision.pt"),
                         "--lm", str(tmp_path / "lm.pt"), "--interleaved", str(bad), "--steps", "1"])
     seen.clear()
+    capsys.readouterr()
     assert train_mod.main(["--run", str(tmp_path / "c"), "--vision", str(tmp_path / "vision.pt"),
                            "--lm", str(tmp_path / "lm.pt"), "--interleaved", str(bad), "--skip-bad",
                            "--steps", "1", "--batch-size", "1", "--threads", "1"]) == 0
     assert seen == {"interleaved": 1}
+    out = capsys.readouterr()
+    assert "1 read, 1 skipped" in out.out and "bad.jsonl:2: no image" in out.out, out
+    # resuming that run on other data is refused, naming the option
+    with pytest.raises(SystemExit, match=r"cannot resume .*--interleaved"):
+        train_mod.main(["--run", str(tmp_path / "c"), "--vision", str(tmp_path / "vision.pt"),
+                        "--lm", str(tmp_path / "lm.pt"), "--interleaved", str(samples / "interleaved.jsonl"),
+                        "--steps", "2", "--batch-size", "1", "--threads", "1"])
 
 
 def test_resume_with_other_optimizer_groups_fails_clearly(tmp_path):

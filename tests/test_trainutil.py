@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from miniflamingo import trainutil
 from miniflamingo.config import LMConfig
 from miniflamingo.lm import GPT
 from miniflamingo.trainutil import (
@@ -142,20 +143,20 @@ def test_write_json_interrupted_keeps_the_old_file(tmp_path, monkeypatch):
     file whole and no temp file."""
     path = tmp_path / "stages.json"
     write_json({"vision": {"seconds": 1.0}}, path)
-    real_write_text = type(path).write_text
 
-    def dying_write_text(self, text, *args, **kwargs):
-        real_write_text(self, text[: len(text) // 2])  # half the bytes reach the temp file, then the crash
+    def dying_fsync(fd):  # the bytes are in the temp file, not yet renamed: the crash comes here
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(type(path), "write_text", dying_write_text)
+    monkeypatch.setattr(trainutil.os, "fsync", dying_fsync)
     with pytest.raises(KeyboardInterrupt):
         write_json({"vision": {"seconds": 1.0}, "lm": {"seconds": 2.0}}, path)
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["stages.json"], "partial temp file left behind"
     assert json.loads(path.read_text()) == {"vision": {"seconds": 1.0}}
+    (tmp_path / ".stages.json.99999.tmp").write_text('{"half')  # a writer killed by SIGKILL leaves this
     write_json({"lm": 2}, path)
     assert json.loads(path.read_text()) == {"lm": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["stages.json"], "stale temp files are removed"
 
 
 def test_missing_truncated_corrupt_checkpoints_name_the_file(tmp_path):
