@@ -396,7 +396,8 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
         if state["config"] != cfg.to_dict():
             raise SystemExit(f"train: {ckpt_path} holds another config; use another --run or the same "
                              f"options")
-        differ = resume_mismatches(state.get("args", {}), args, RESUME_ARGS)
+        differ = resume_mismatches(state.get("args", {}), args, RESUME_ARGS,
+                                   defaults=vars(parse_args([])[0]))  # options added since: their defaults
         if differ:
             raise SystemExit(f"train: cannot resume {ckpt_path}: it was trained with another "
                              f"{'; '.join(differ)}; use the same options, or another --run")

@@ -164,12 +164,15 @@ def save_checkpoint(path, state: dict) -> None:
             os.close(dfd)
 
 
-def resume_mismatches(saved_args: dict, args, names) -> list[str]:
+def resume_mismatches(saved_args: dict, args, names, defaults: dict | None = None) -> list[str]:
     """The options among `names` that differ from those a checkpoint was trained with, as
     "--name (saved != now)": resuming with another data stream or schedule would silently train another
-    run than the one the checkpoint began."""
-    return [f"--{k.replace('_', '-')} ({saved_args.get(k)!r} != {getattr(args, k)!r})"
-            for k in names if saved_args.get(k) != getattr(args, k)]
+    run than the one the checkpoint began. An option the checkpoint's code did not have yet counts as
+    its default there (`defaults`), else as None."""
+    defaults = defaults or {}
+    saved = {k: saved_args.get(k, defaults.get(k)) for k in names}
+    return [f"--{k.replace('_', '-')} ({saved[k]!r} != {getattr(args, k)!r})"
+            for k in names if saved[k] != getattr(args, k)]
 
 
 def write_json(obj, path, indent: int = 1) -> None:

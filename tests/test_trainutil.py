@@ -19,6 +19,7 @@ from miniflamingo.trainutil import (
     configure_optimizer,
     get_lr,
     load_checkpoint,
+    resume_mismatches,
     save_checkpoint,
     seed_everything,
     write_json,
@@ -157,6 +158,22 @@ def test_write_json_interrupted_keeps_the_old_file(tmp_path, monkeypatch):
     write_json({"lm": 2}, path)
     assert json.loads(path.read_text()) == {"lm": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["stages.json"], "stale temp files are removed"
+
+
+def test_resume_mismatches_names_options_and_takes_new_options_at_their_default():
+    """A checkpoint written before an option existed resumes when the option is at its default (the demo
+    rerun over an older run), and not when it is set to something else."""
+    import argparse
+
+    now = argparse.Namespace(data="d", batch_size=8, skip_bad=False)
+    names = ("data", "batch_size", "skip_bad")
+    assert resume_mismatches({"data": "d", "batch_size": 8}, now, names, {"skip_bad": False}) == []
+    assert resume_mismatches({"data": "d", "batch_size": 4}, now, names, {"skip_bad": False}) == [
+        "--batch-size (4 != 8)"]
+    assert resume_mismatches({"data": "d", "batch_size": 8}, now, names) == ["--skip-bad (None != False)"]
+    now.skip_bad = True
+    assert resume_mismatches({"data": "d", "batch_size": 8}, now, names, {"skip_bad": False}) == [
+        "--skip-bad (False != True)"]
 
 
 def test_missing_truncated_corrupt_checkpoints_name_the_file(tmp_path):
