@@ -103,6 +103,10 @@ RESUME_ARGS = ("preset", "captions", "interleaved", "skip_bad", "docs", "familie
                "world_seed")
 
 
+# Options that only shape the synthetic world's data (render_world), not local files.
+WORLD_ARGS = ("docs", "families", "blob_binding", "pairs", "videos", "world_seed")
+
+
 def world_data(vision, image_size: int, tok, args,
                rendered: dict | None = None) -> dict[str, DocumentDataset]:
     """The synthetic world's three datasets, with every media replaced by its frozen features. rendered:
@@ -150,11 +154,20 @@ def read_local(image_size: int, tok, args) -> dict[str, DocumentDataset]:
     --skip-bad are skipped, counted and listed (readers.Report); a source left with nothing is an error."""
     from miniflamingo import readers
 
+    defaults = vars(parse_args([])[0])
+    ignored = [f"--{k.replace('_', '-')}" for k in WORLD_ARGS if getattr(args, k) != defaults[k]]
+    if ignored:
+        log(f"train: {', '.join(ignored)} shape the synthetic world's data; with local files they are "
+            f"ignored")
+    weights = parse_weights(args.weights)
     data = {}
     for name, path, read, build in (
             ("image_text", args.captions, readers.read_captions, DocumentDataset.from_pairs),
             ("interleaved", args.interleaved, readers.read_interleaved, DocumentDataset.from_documents)):
         if path is None:
+            continue
+        if weights[name] <= 0:  # not in the mixture (world_sources): not worth reading and encoding
+            log(f"train: {path} not read: --weights gives {name} weight {weights[name]}")
             continue
         try:
             items, report = read(path, image_size, skip_bad=args.skip_bad)

@@ -238,6 +238,13 @@ def test_trains_on_local_files_only_those_it_is_given(tmp_path, monkeypatch, cap
     assert seen == {"interleaved": 1}
     out = capsys.readouterr()
     assert "1 read, 1 skipped" in out.out and "bad.jsonl:2: no image" in out.out, out
+    # the world's options are said to be ignored; a source at weight 0 is not read at all
+    assert train_mod.main([*run, "--run", str(tmp_path / "d"), "--vision", str(tmp_path / "vision.pt"),
+                           "--lm", str(tmp_path / "lm.pt"), "--captions", str(samples / "captions"),
+                           "--interleaved", str(bad), "--weights", "interleaved=0", "--docs", "10",
+                           "--steps", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "--docs shape the synthetic world's data" in err and "interleaved weight 0.0" in err, err
     # resuming that run on other data is refused, naming the option
     with pytest.raises(SystemExit, match=r"cannot resume .*--interleaved"):
         train_mod.main(["--run", str(tmp_path / "c"), "--vision", str(tmp_path / "vision.pt"),
