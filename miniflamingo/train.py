@@ -238,6 +238,12 @@ def world_sources(data: dict[str, DocumentDataset], cfg: FlamingoConfig, args,
     if not sources:
         raise SystemExit(f"train: no dataset with a weight above 0: datasets {sorted(data)}, --weights "
                          f"{weights}")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    origin = {"image_text": args.captions, "interleaved": args.interleaved}
+    for src in sources:  # each rank takes a disjoint shard (MixtureSampler): at least one item each
+        if len(src.data) < world_size:
+            raise SystemExit(f"train: {origin.get(src.name) or src.name} has {len(src.data)} usable items, "
+                             f"fewer than the {world_size} processes that must each take a share")
     return sources
 
 
