@@ -62,7 +62,7 @@ def load_image(path: Path, size: int, where: str) -> np.ndarray:
         raise DataError(f"{where}: cannot read image {str(path)!r}: {e}") from None
 
 
-def _read_jsonl(path: Path, parse, skip_bad: bool) -> tuple[list, Report]:
+def _read_jsonl(path: Path, parse, skip_bad: bool, quiet: bool = False) -> tuple[list, Report]:
     """Parse each non-blank line with parse(obj, where); skip or raise on DataError."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -86,12 +86,13 @@ def _read_jsonl(path: Path, parse, skip_bad: bool) -> tuple[list, Report]:
             if not skip_bad:
                 raise
             report.skipped.append(str(e))
-    if report.skipped:
+    if report.skipped and not quiet:  # quiet: the caller reports (train: on rank 0 only)
         print(report.summary())
     return items, report
 
 
-def read_captions(path: str | Path, image_size: int, skip_bad: bool = False) -> tuple[list[dict], Report]:
+def read_captions(path: str | Path, image_size: int, skip_bad: bool = False,
+                  quiet: bool = False) -> tuple[list[dict], Report]:
     """A folder with captions.jsonl (or the JSONL file itself) -> ([{"image", "caption", "where"}, ...],
     report); "where" is the item's file:line."""
     path = Path(path)
@@ -106,10 +107,11 @@ def read_captions(path: str | Path, image_size: int, skip_bad: bool = False) -> 
         image = load_image(jsonl.parent / obj["image"], image_size, where)
         return {"image": image, "caption": obj["caption"], "where": where}  # where: for later checks
 
-    return _read_jsonl(jsonl, parse, skip_bad)
+    return _read_jsonl(jsonl, parse, skip_bad, quiet)
 
 
-def read_interleaved(path: str | Path, image_size: int, skip_bad: bool = False) -> tuple[list[dict], Report]:
+def read_interleaved(path: str | Path, image_size: int, skip_bad: bool = False,
+                     quiet: bool = False) -> tuple[list[dict], Report]:
     """OBELICS/MMC4-style JSONL -> ([{"texts": [str|None], "images": [uint8 (H, W, 3)|None]}, ...], report).
     Image paths are relative to the JSONL file."""
     path = Path(path)
@@ -128,7 +130,7 @@ def read_interleaved(path: str | Path, image_size: int, skip_bad: bool = False) 
                   for i, m in enumerate(images)]
         return {"texts": texts, "images": loaded}
 
-    return _read_jsonl(path, parse, skip_bad)
+    return _read_jsonl(path, parse, skip_bad, quiet)
 
 
 def main(argv: list[str] | None = None) -> int:

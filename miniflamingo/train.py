@@ -170,14 +170,13 @@ def read_local(image_size: int, tok, args) -> dict[str, DocumentDataset]:
             log(f"train: {path} not read: --weights gives {name} weight {weights[name]}")
             continue
         try:
-            items, report = read(path, image_size, skip_bad=args.skip_bad)
+            items, report = read(path, image_size, skip_bad=args.skip_bad, quiet=True)
         except DataError as e:
             raise SystemExit(f"train: {e}") from None
         if not items:
             raise SystemExit(f"train: {path}: no usable item ({report.read} read, {len(report.skipped)} "
                              f"skipped)")
-        if not report.skipped:  # else the reader has printed its report, skips listed
-            log(report.summary())
+        log(report.summary())  # what was read and every skip, once (log: rank 0 only under torchrun)
         data[name] = build(items, tok)
     return data
 

@@ -236,8 +236,8 @@ def test_trains_on_local_files_only_those_it_is_given(tmp_path, monkeypatch, cap
                            "--lm", str(tmp_path / "lm.pt"), "--interleaved", str(bad), "--skip-bad",
                            "--steps", "1", "--batch-size", "1", "--threads", "1"]) == 0
     assert seen == {"interleaved": 1}
-    out = capsys.readouterr()
-    assert "1 read, 1 skipped" in out.out and "bad.jsonl:2: no image" in out.out, out
+    err = capsys.readouterr().err
+    assert "1 read, 1 skipped" in err and "bad.jsonl:2: no image" in err, err
     # the world's options are said to be ignored; a source at weight 0 is not read at all
     assert train_mod.main([*run, "--run", str(tmp_path / "d"), "--vision", str(tmp_path / "vision.pt"),
                            "--lm", str(tmp_path / "lm.pt"), "--captions", str(samples / "captions"),
