@@ -20,10 +20,8 @@ Notable features
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -33,7 +31,7 @@ from pathlib import Path
 import torch
 
 from miniflamingo import evaluate, pretrain_vision, train
-from miniflamingo.trainutil import write_json
+from miniflamingo.trainutil import die_with_parent, write_json
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,14 +134,6 @@ def load_state(state_path: Path) -> dict:
         raise SystemExit(f"demo: {state_path} holds {type(done).__name__}, not the demo's stage record; "
                          "delete it to rerun every stage")
     return done
-
-
-def die_with_parent() -> None:
-    """preexec_fn of the background stage: on Linux, ask the kernel to send it SIGTERM when the demo
-    dies, even by SIGKILL (prctl PR_SET_PDEATHSIG), so no orphan keeps training and writing the run's
-    files beside a rerun. Elsewhere a no-op: the demo's `finally` still stops it on ordinary exits."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def final_binding_probe(log_path: Path) -> float:
@@ -272,9 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     del prepared  # free the training features before evaluation
     if done.get("eval"):  # the table of an earlier run, so a rerun always ends with it
         print(evaluate.format_results(json.loads((run / "eval.json").read_text())))
-    # Both cores are free by now: on 2 threads the demo's eval took 39-43 s against 52-61 s on 1 (eval's
-    # default, for a busy machine), with the same numbers cell for cell (session 11, seeds 0-2).
-    eval_argv = ["eval", "--run", str(run), "--threads", str(threads), *budget["eval"]]
+    # Every core is free by now: the tasks split over one process per core, one thread each (eval --jobs),
+    # 37-40 s against 53-57 s on one process of 2 threads and 66-69 s on 1, the same numbers cell for cell
+    # (seed 0's AMD run; docs/EXPERIMENTS.md, "The evaluation stage"): its many small ops hold the GIL.
+    eval_argv = ["eval", "--run", str(run), "--threads", "1", "--jobs", str(threads), *budget["eval"]]
     run_stage("eval", evaluate.main, eval_argv, done, state_path)
     print(f"== demo finished in {time.perf_counter() - t0:.0f} s; everything is in {run}/", flush=True)
     return 0

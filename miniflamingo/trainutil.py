@@ -17,10 +17,12 @@ Notable features
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Iterable
@@ -162,6 +164,15 @@ def save_checkpoint(path, state: dict) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def die_with_parent() -> None:
+    """preexec_fn of a child process (the demo's LM stage, eval's --jobs): on Linux, ask the kernel to
+    send it SIGTERM when its parent dies, even by SIGKILL (prctl PR_SET_PDEATHSIG), so no orphan keeps
+    working and writing the run's files beside a rerun. Elsewhere a no-op: the parents' `finally` still
+    stops their children on ordinary exits."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def resume_mismatches(saved_args: dict, args, names, defaults: dict | None = None) -> list[str]:

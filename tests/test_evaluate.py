@@ -239,6 +239,33 @@ def test_ask_reads_examples_as_the_readers_do_and_fails_clearly(run_dir, tmp_pat
     assert "using 0 of 1 examples" in capsys.readouterr().out
 
 
+def test_split_tasks_partitions_the_suite_in_order():
+    tasks = list(ev.TASKS)
+    for jobs in range(1, 12):
+        groups = ev.split_tasks(tasks, jobs)
+        assert sorted(t for g in groups for t in g) == sorted(tasks) and len(groups) == min(jobs, len(tasks))
+        assert all(g == [t for t in tasks if t in g] for g in groups), "each group in the suite's order"
+    two = ev.split_tasks(tasks, 2)
+    loads = [sum(ev.TASK_SECONDS[t] for t in g) for g in two]
+    assert max(loads) - min(loads) <= max(ev.TASK_SECONDS.values()) / 2, loads
+
+
+def test_jobs_split_gives_the_one_process_results(run_dir, tmp_path, capsys):
+    """`eval --jobs 2` (the demo's): the tasks split over two processes, merged into the same eval.json
+    as one process writes, cell for cell and in the same order; the table printed once, whole."""
+    common = ["--run", str(run_dir), "--episodes", "2", "--binding-episodes", "3", "--shots", "0,1",
+              "--k", "0,1", "--tasks", "vqa,binding_2way,captioning,novel_5way"]
+    assert ev.main([*common, "--out", str(tmp_path / "one.json")]) == 0
+    assert ev.main([*common, "--jobs", "2", "--out", str(tmp_path / "two.json")]) == 0
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert two["tasks"] == one["tasks"] and list(two["tasks"]) == ["captioning", "vqa", "binding_2way",
+                                                                    "novel_5way"]
+    assert two["samples"] == one["samples"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.json", "two.json"], "no part file left"
+    table = capsys.readouterr().out.split("wrote")[-2]  # the second run's table
+    assert all(t in table for t in ("captioning", "vqa", "binding_2way", "novel_5way"))
+
+
 def test_kinds_split_the_total(tok, world):
     """Per-kind VQA accuracy: every question kind the set holds, each the mean over its own questions
     (recomputed here from the samples' definition), and the kinds' size-weighted mean is the total."""
