@@ -266,6 +266,19 @@ def test_jobs_split_gives_the_one_process_results(run_dir, tmp_path, capsys):
     assert all(t in table for t in ("captioning", "vqa", "binding_2way", "novel_5way"))
 
 
+def test_jobs_a_failed_child_stops_the_eval_naming_its_tasks(run_dir, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    real = subprocess.Popen
+    monkeypatch.setattr(ev.subprocess, "Popen", lambda cmd, **kw: real(
+        [sys.executable, "-c", "import sys; sys.exit(3)"], **kw))  # the child dies at once
+    with pytest.raises(SystemExit, match=r"evaluating vqa failed \(exit 3"):
+        ev.main(["--run", str(run_dir), "--episodes", "1", "--binding-episodes", "1", "--shots", "0",
+                 "--k", "1", "--tasks", "vqa,binding_2way", "--jobs", "2", "--out", str(tmp_path / "e.json")])
+    assert list(tmp_path.iterdir()) == [], "no eval.json, no part file"
+
+
 def test_kinds_split_the_total(tok, world):
     """Per-kind VQA accuracy: every question kind the set holds, each the mean over its own questions
     (recomputed here from the samples' definition), and the kinds' size-weighted mean is the total."""
