@@ -25,8 +25,9 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -139,24 +140,25 @@ class CheckpointError(RuntimeError):
     """A checkpoint file exists but cannot be read (truncated, corrupt, or not a checkpoint)."""
 
 
-def save_checkpoint(path, state: dict) -> None:
-    """Write `state` with torch.save atomically: readers see the old file or the new one, never half."""
+def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
+    """Write a file atomically: write(f) fills a fresh temp file beside `path`, which is synced and then
+    renamed over it, so readers see the old file or the new one, never half; the rename itself is made
+    durable (POSIX). Temp files that a writer killed mid-write (SIGKILL) left are removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # A fresh name in the same folder (so the rename stays on one filesystem), created with the usual
     # permissions (0666 less the umask; mkstemp's 0600 would make every checkpoint owner-only).
     tmp = path.parent / f".{path.name}.{os.getpid()}.{random.SystemRandom().getrandbits(32):08x}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-save (SIGKILL)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
         dfd = os.open(path.parent, os.O_DIRECTORY)
@@ -164,6 +166,19 @@ def save_checkpoint(path, state: dict) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """Write `state` with torch.save atomically (atomic_write), creating the folder if needed."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def write_json(obj, path, indent: int = 1) -> None:
+    """Write `obj` as JSON atomically (atomic_write): a run killed mid-write leaves the old file or the
+    new one, never a truncated one that the next run cannot read."""
+    text = json.dumps(obj, indent=indent) + "\n"  # serialised first: an unserialisable obj writes nothing
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def die_with_parent() -> None:
@@ -184,24 +199,6 @@ def resume_mismatches(saved_args: dict, args, names, defaults: dict | None = Non
     saved = {k: saved_args.get(k, defaults.get(k)) for k in names}
     return [f"--{k.replace('_', '-')} ({saved[k]!r} != {getattr(args, k)!r})"
             for k in names if saved[k] != getattr(args, k)]
-
-
-def write_json(obj, path, indent: int = 1) -> None:
-    """Write `obj` as JSON atomically (a temp file in the same folder, then a rename): a run killed
-    mid-write leaves the old file or the new one, never a truncated one that the next run cannot read."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(obj, indent=indent) + "\n")
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-write (SIGKILL)
-        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
