@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -31,9 +30,7 @@ from pathlib import Path
 import torch
 
 from miniflamingo import evaluate, pretrain_vision, train
-from miniflamingo.trainutil import die_with_parent, write_json
-
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+from miniflamingo.trainutil import start_command, write_json
 
 # Budgets for 2 CPU cores. --quick keeps every stage but shrinks it to seconds: it checks that the
 # pipeline runs, not that it learns.
@@ -94,11 +91,8 @@ def start_in_background(name: str, argv: list[str], done: dict, run: Path):
     log_path = run / f"{name}_stage.log"
     print(f"== {name}: python -m miniflamingo {' '.join(argv)}  (in the background; its output goes to "
           f"{log_path})", flush=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT),
-                                                                      os.environ.get("PYTHONPATH")]))}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "miniflamingo", *argv], stdout=log,
-                                stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
+        proc = start_command(argv, stdout=log, stderr=subprocess.STDOUT)
     return proc, time.perf_counter(), log_path
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -42,8 +41,8 @@ from miniflamingo.tokenizer import Tokenizer
 from miniflamingo.trainutil import (
     CheckpointError,
     avoid_cudnn_attention,
-    die_with_parent,
     load_checkpoint,
+    start_command,
     write_json,
 )
 from miniflamingo.world_render import HELDOUT_COMBOS
@@ -362,16 +361,12 @@ def evaluate_in_processes(argv: list[str], groups: list[list[str]], out: Path, r
     or with which others (each draws its episodes from its own keys; tests/test_evaluate.py checks the
     merged results against one process). Two processes took the demo's eval from 56.5 s on 2 threads
     to 39.8 s (docs/EXPERIMENTS.md, "The evaluation stage")."""
-    root = str(Path(__file__).resolve().parents[1])  # the children import this checkout, as the parent did
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     children = []
     try:
         for i, group in enumerate(groups[1:], 1):
             part = out.with_name(f".{out.name}.part{i}")
-            cmd = [sys.executable, "-m", "miniflamingo", "eval", *argv, "--tasks", ",".join(group),
-                   "--out", str(part), "--jobs", "1"]
-            children.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env,
-                                              preexec_fn=die_with_parent), part, group))
+            cmd = ["eval", *argv, "--tasks", ",".join(group), "--out", str(part), "--jobs", "1"]
+            children.append((start_command(cmd, stdout=subprocess.DEVNULL), part, group))
         results = run_first(groups[0])
         for proc, part, group in children:
             if proc.wait() != 0:

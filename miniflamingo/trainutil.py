@@ -23,6 +23,7 @@ import math
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -182,12 +183,21 @@ def write_json(obj, path, indent: int = 1) -> None:
 
 
 def die_with_parent() -> None:
-    """preexec_fn of a child process (the demo's LM stage, eval's --jobs): on Linux, ask the kernel to
-    send it SIGTERM when its parent dies, even by SIGKILL (prctl PR_SET_PDEATHSIG), so no orphan keeps
-    working and writing the run's files beside a rerun. Elsewhere a no-op: the parents' `finally` still
-    stops their children on ordinary exits."""
+    """preexec_fn of a child process (start_command's): on Linux, ask the kernel to send it SIGTERM when
+    its parent dies, even by SIGKILL (prctl PR_SET_PDEATHSIG), so no orphan keeps working and writing the
+    run's files beside a rerun. Elsewhere a no-op: the parents' `finally` still stops their children on
+    ordinary exits."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def start_command(argv: list[str], **popen_kwargs) -> subprocess.Popen:
+    """`python -m miniflamingo ARGV` in a child process (the demo's LM stage, eval's --jobs) that imports
+    this checkout, as its parent does, and dies with its parent (die_with_parent)."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen([sys.executable, "-m", "miniflamingo", *argv], env=env,
+                            preexec_fn=die_with_parent, **popen_kwargs)
 
 
 def resume_mismatches(saved_args: dict, args, names, defaults: dict | None = None) -> list[str]:

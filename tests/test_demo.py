@@ -51,13 +51,14 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
 def test_background_stage_dies_with_the_demo(tmp_path):
-    """The LM stage runs in a child process started with demo.die_with_parent: if the demo is killed
-    (SIGKILL: no `finally` runs), the child gets SIGTERM from the kernel instead of training on."""
+    """The LM stage runs in a child process started by trainutil.start_command, whose preexec_fn is
+    die_with_parent: if the demo is killed (SIGKILL: no `finally` runs), the child gets SIGTERM from the
+    kernel instead of training on."""
     parent = (
         "import subprocess, sys, time\n"
-        "from miniflamingo import demo\n"
+        "from miniflamingo import trainutil\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
-        "preexec_fn=demo.die_with_parent)\n"
+        "preexec_fn=trainutil.die_with_parent)\n"
         "print(child.pid, flush=True)\n"
         "time.sleep(60)\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
