@@ -161,6 +161,10 @@ def open_cell(model, tok, task: Task, queries, pool, n_shots: int, rng_key: list
               batch_size: int = 32) -> tuple[float | None, float | None, list[str]]:
     """(metric, blind metric, predictions) with n_shots support examples per query; (None, None, [])
     when the prompts do not fit the context. features: (query, pool) pooled features for RICES, or None."""
+    # The blind row sees no pixel of the query, not even through the choice of its examples: with RICES
+    # its prompts are the random-support ones (RICES picks examples by the query's image, and a blind
+    # model that copies the most similar example's answer would be reading the image through them).
+    rices = n_shots > 0 and features is not None
     prompts, random_prompts = [], []
     for i, query in enumerate(queries):
         rng = np.random.default_rng([*rng_key, n_shots, i])
@@ -169,20 +173,19 @@ def open_cell(model, tok, task: Task, queries, pool, n_shots: int, rng_key: list
         else:
             support = [item_shot(pool[j]) for j in fs.random_support(len(pool), n_shots, rng)]
         random_prompts.append(fs.build_prompt(tok, support, item_shot(query, with_answer=False)))
-        if n_shots and features is not None:  # RICES: most similar last
+        if rices:  # most similar last
             support = [item_shot(pool[j]) for j in fs.rices_support(features[0][i], features[1], n_shots)]
-        prompts.append(fs.build_prompt(tok, support, item_shot(query, with_answer=False)))
+            prompts.append(fs.build_prompt(tok, support, item_shot(query, with_answer=False)))
+    prompts = prompts if rices else random_prompts
+
     def fit(ps) -> bool:
         return max(len(p.ids) for p in ps) + task.max_new_tokens <= model.cfg.lm.context_length
 
     if not fit(prompts):
         return None, None, []
     predictions = fs.generate_answers(model, tok, prompts, task.max_new_tokens, batch_size=batch_size)
-    # The blind row sees no pixel of the query, not even through the choice of its examples: with RICES
-    # its prompts are the random-support ones (RICES picks examples by the query's image, and a blind
-    # model that copies the most similar example's answer would be reading the image through them).
     blind = None
-    if fit(random_prompts):
+    if prompts is random_prompts or fit(random_prompts):
         blind = score(task.metric, fs.generate_answers(model, tok, random_prompts, task.max_new_tokens,
                                                        blind=True, batch_size=batch_size), queries)
     return score(task.metric, predictions, queries), blind, predictions
@@ -354,13 +357,17 @@ def split_tasks(tasks: list[str], jobs: int) -> list[list[str]]:
     return [[t for t in tasks if t in g] for g in groups if g]
 
 
-def evaluate_in_processes(argv: list[str], groups: list[list[str]], out: Path, run_first) -> dict:
-    """The suite split over processes: groups[1:] each in a child `eval` (one thread each, as the parent;
-    same options, its tasks, its own temporary output), groups[0] here by run_first(tasks) -> results;
-    then the children's tasks and samples merged in. A task's cells do not depend on which process ran it
+def evaluate_in_processes(argv: list[str], tasks: list[str], jobs: int, out: Path, run_first) -> dict:
+    """`tasks` split over up to `jobs` processes (split_tasks): each group but the first in a child `eval`
+    (same options, its tasks, its own temporary output), the first here by run_first(group) -> results;
+    then the children's tasks and samples merged in, in the order of `tasks`, as one process writes
+    them. With one group, run_first(tasks) alone. A task's cells do not depend on which process ran it
     or with which others (each draws its episodes from its own keys; tests/test_evaluate.py checks the
     merged results against one process). Two processes took the demo's eval from 56.5 s on 2 threads
     to 39.8 s (docs/EXPERIMENTS.md, "The evaluation stage")."""
+    groups = split_tasks(tasks, jobs)
+    if len(groups) < 2:
+        return run_first(tasks)
     children = []
     try:
         for i, group in enumerate(groups[1:], 1):
@@ -382,10 +389,8 @@ def evaluate_in_processes(argv: list[str], groups: list[list[str]], out: Path, r
                 proc.terminate()
                 proc.wait()
             part.unlink(missing_ok=True)
-    order = [t for g in groups for t in g]
-    order = [t for t in TASKS if t in order]  # the suite's order, as one process writes it
-    results["tasks"] = {t: results["tasks"][t] for t in order}
-    results["samples"] = {t: results["samples"][t] for t in order if t in results["samples"]}
+    results["tasks"] = {t: results["tasks"][t] for t in tasks}
+    results["samples"] = {t: results["samples"][t] for t in tasks if t in results["samples"]}
     return results
 
 
@@ -444,8 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                         binding_episodes=args.binding_episodes,
                         log=lambda msg: print(msg, file=sys.stderr, flush=True))
 
-    groups = split_tasks(tasks, args.jobs)
-    results = run(tasks) if len(groups) < 2 else evaluate_in_processes(argv, groups, out, run)
+    results = evaluate_in_processes(argv, tasks, args.jobs, out, run)
     results["settings"]["seconds"] = round(time.perf_counter() - start, 1)
     print(format_results(results))
     write_json(results, out)
