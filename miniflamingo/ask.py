@@ -22,7 +22,7 @@ import torch
 from miniflamingo import fewshot as fs
 from miniflamingo.data import DataError
 from miniflamingo.evaluate import TASKS, load_run, open_items, run_tokenizer
-from miniflamingo.readers import _read_jsonl, load_image
+from miniflamingo.readers import captions_jsonl, load_image, read_jsonl
 from miniflamingo.trainutil import CheckpointError
 
 
@@ -30,8 +30,7 @@ def read_examples(path, image_size: int) -> list[dict]:
     """Examples for `ask`, one JSON object per line, image paths relative to the file: {"image", "caption"}
     (captions.jsonl of DESIGN.md 5; its folder will do) or {"image", "question", "answer"}. Read by
     readers.py's JSONL reader, so errors name the file and line as everywhere else."""
-    path = Path(path)
-    jsonl = path / "captions.jsonl" if path.is_dir() else path
+    jsonl = captions_jsonl(path)
 
     def parse(obj, where):
         if not isinstance(obj, dict):
@@ -49,7 +48,7 @@ def read_examples(path, image_size: int) -> list[dict]:
         return {**{k: obj[k] for k in texts}, "image": load_image(jsonl.parent / obj["image"], image_size,
                                                                   where)}
 
-    return _read_jsonl(jsonl, parse, skip_bad=False)[0]
+    return read_jsonl(jsonl, parse, skip_bad=False)[0]
 
 
 def ask(model, tok, image, question: str | None = None, examples: list[dict] = (), shots: int = 4):

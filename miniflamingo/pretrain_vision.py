@@ -37,6 +37,7 @@ from miniflamingo.agc import adaptive_grad_clip
 from miniflamingo.config import FlamingoConfig
 from miniflamingo.contrastive import ContrastiveConfig, ContrastiveModel
 from miniflamingo.data import DataError
+from miniflamingo.readers import captions_jsonl, read_captions
 from miniflamingo.trainutil import (
     avoid_cudnn_attention,
     load_checkpoint,
@@ -96,8 +97,6 @@ def load_captions_folder(folder: str | Path, image_size: int) -> list[dict]:
     pairs, read by readers.read_captions as `train` and `ask` read them: each image letterboxed to
     image_size (the whole picture kept, black bars where its aspect ratio differs; the encoder trains on
     what Flamingo will see), captions non-empty. Errors name the file and line."""
-    from miniflamingo.readers import read_captions
-
     pairs, _ = read_captions(folder, image_size)
     if not pairs:
         raise DataError(f"{folder}: no pairs")
@@ -475,8 +474,7 @@ def main(argv: list[str] | None = None, on_step=None) -> int:
     neighbours = one_word_neighbours([p["caption"] for p in train_pairs]) if args.hard_fraction > 0 else None
     step, elapsed = train(model, opt, images, ids, mask, args, log, step, elapsed, checkpoint, neighbours,
                           interim_eval, partners=data["partners"], on_step=on_step,
-                          data_name=str(Path(args.data) / "captions.jsonl" if Path(args.data).is_dir()
-                                        else args.data) if args.data else
+                          data_name=str(captions_jsonl(args.data)) if args.data else
                           f"the synthetic world's pairs (--seed {args.seed})", ckpt_path=ckpt_path)
     metrics = held_out()
     metrics = {"step": step, "train_seconds": round(elapsed, 1), **metrics}

@@ -62,7 +62,7 @@ def load_image(path: Path, size: int, where: str) -> np.ndarray:
         raise DataError(f"{where}: cannot read image {str(path)!r}: {e}") from None
 
 
-def _read_jsonl(path: Path, parse, skip_bad: bool, quiet: bool = False) -> tuple[list, Report]:
+def read_jsonl(path: Path, parse, skip_bad: bool, quiet: bool = False) -> tuple[list, Report]:
     """Parse each non-blank line with parse(obj, where); skip or raise on DataError."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -91,12 +91,17 @@ def _read_jsonl(path: Path, parse, skip_bad: bool, quiet: bool = False) -> tuple
     return items, report
 
 
+def captions_jsonl(path: str | Path) -> Path:
+    """A captions folder's captions.jsonl, or the path itself when it is the file (DESIGN.md 5)."""
+    path = Path(path)
+    return path / "captions.jsonl" if path.is_dir() else path
+
+
 def read_captions(path: str | Path, image_size: int, skip_bad: bool = False,
                   quiet: bool = False) -> tuple[list[dict], Report]:
     """A folder with captions.jsonl (or the JSONL file itself) -> ([{"image", "caption", "where"}, ...],
     report); "where" is the item's file:line."""
-    path = Path(path)
-    jsonl = path / "captions.jsonl" if path.is_dir() else path
+    jsonl = captions_jsonl(path)
 
     def parse(obj, where):
         if not (isinstance(obj, dict) and isinstance(obj.get("image"), str)
@@ -107,7 +112,7 @@ def read_captions(path: str | Path, image_size: int, skip_bad: bool = False,
         image = load_image(jsonl.parent / obj["image"], image_size, where)
         return {"image": image, "caption": obj["caption"], "where": where}  # where: for later checks
 
-    return _read_jsonl(jsonl, parse, skip_bad, quiet)
+    return read_jsonl(jsonl, parse, skip_bad, quiet)
 
 
 def read_interleaved(path: str | Path, image_size: int, skip_bad: bool = False,
@@ -130,7 +135,7 @@ def read_interleaved(path: str | Path, image_size: int, skip_bad: bool = False,
                   for i, m in enumerate(images)]
         return {"texts": texts, "images": loaded}
 
-    return _read_jsonl(path, parse, skip_bad, quiet)
+    return read_jsonl(path, parse, skip_bad, quiet)
 
 
 def main(argv: list[str] | None = None) -> int:
