@@ -15,6 +15,8 @@ Notable features
   random examples instead of the retrieved ones: their choice would carry the query's image).
 - A shot count whose prompts do not fit lm.context_length is skipped, reported as null in eval.json and
   "-" in the table, never truncated.
+- `--jobs N` splits the tasks over N processes (evaluate_in_processes) and merges their results into the
+  eval.json one process would write: the eval's many small ops gain little from a second thread.
 - eval.json: {"tasks": {name: {"metric", "unit", "shots": {"0": x, ...}, "blind": {"0": x, ...}}},
   "settings": {...}, "samples": {name: {"4": [[prediction, answer], ...]}}}, raw metric values (the table
   shows them x100, as the paper does).
