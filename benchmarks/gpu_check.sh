@@ -1,26 +1,60 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 6, as one script for a short lease of a GPU machine (see README, "Results so far"):
-# MFU of the Flamingo step at the small preset in bf16 at batch 512: eager, eager with the host queueing
-# ahead (--overlap) and with each block compiled (--compile regions), with device-time profiles of one
-# step; then the whole demo pipeline in its quick form on the GPU. About 8 minutes on a machine that has
-# not compiled before.
-# Logs go to ${OUT:-runs/gpu_check}.
+# The GPU checks of issue 6, as one script for a short lease of a GPU machine (see README, "Results so far").
+# In order of what matters most, each under its own time limit, each skipped when the budget (BUDGET
+# seconds, default 540) has no room left for it:
+#  1. MFU of the Flamingo step at the small preset in bf16, batch 512, waiting for the device once a step as
+#     train.py does (--overlap), with a device-time profile of one step by kernel class and the lines
+#     where the host waited for the GPU (--sync-debug);
+#  2. the whole demo pipeline in its quick form on the GPU, then `train` under torchrun with nccl (one
+#     process: the one GPU) from the quick demo's stage-1/2 checkpoints, with DDP and with --fsdp
+#     (SKIP_DEMO=1 skips these);
+#  3. the same step with each block compiled (--compile regions), profiled;
+#  4. the eager step with flash attention left out (the short-key attentions of the resampler and the
+#     cross-attention: the second lease saw flash's backward take 1.8 ms a call there);
+#  5. the eager step at batch 1024.
+# Logs go to ${OUT:-runs/gpu_check}. A dry run on a CPU: PRESET=tiny BATCH=4 BUDGET=900 bash benchmarks/gpu_check.sh
 set -u
 out=${OUT:-runs/gpu_check}; mkdir -p "$out"
+preset=${PRESET:-small}; batch=${BATCH:-512}
+deadline=$(( $(date +%s) + ${BUDGET:-540} ))
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
-bench() {  # name, timeout, arguments
-  local name=$1 limit=$2; shift 2
-  TORCH_LOGS=recompiles timeout "$limit" python3 benchmarks/train_throughput.py --preset small --threads 0 "$@" \
-    > "$out/$name.txt" 2>&1
-  echo "-- $name (rc $?)"; grep -E "^(== |params|step |tokens/s|device time)" "$out/$name.txt"
+room() {  # seconds needed: is there room before the deadline?
+  if (( $(date +%s) + $1 > deadline )); then echo "-- skipped $2: $(( deadline - $(date +%s) )) s left"; return 1; fi
 }
-bench eager_b512 100 --batch-size 512 --steps 6 --warmup 2 --profile
-# The same, waiting for the device once a step as train.py does (no device reads inside its loop).
-bench overlap_b512 100 --batch-size 512 --steps 6 --warmup 2 --overlap
+(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi") \
+  | tee "$out/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())" \
+  | tee -a "$out/gpu.txt"
+bench() {  # name, time limit, arguments
+  local name=$1 limit=$2; shift 2
+  room "$limit" "$name" || return 0
+  local t0; t0=$(date +%s)
+  TORCH_LOGS=recompiles timeout "$limit" python3 benchmarks/train_throughput.py --preset "$preset" --threads 0 \
+    --batch-size "$batch" "$@" > "$out/$name.txt" 2>&1
+  echo "-- $name (rc $?, $(( $(date +%s) - t0 )) s)"
+  grep -E "^(== |params|step |tokens/s|one step|by class|host waits|torch\.|.*Recompil)" "$out/$name.txt" | cut -c1-400
+}
+bench eager_overlap 110 --steps 6 --warmup 2 --overlap --profile --sync-debug
+
+if [ -z "${SKIP_DEMO:-}" ] && room 150 "demo --quick"; then
+  t0=$(date +%s)
+  timeout 150 python3 -m miniflamingo demo --quick --run "$out/demo_quick" > "$out/demo_quick.txt" 2>&1
+  echo "-- demo --quick (rc $?, $(( $(date +%s) - t0 )) s)"; tail -n 30 "$out/demo_quick.txt"
+fi
+for mode in ddp fsdp; do
+  [ -f "$out/demo_quick/lm.pt" ] || break
+  room 60 "torchrun $mode" || break
+  t0=$(date +%s); extra=(); [ "$mode" = fsdp ] && extra=(--fsdp)
+  timeout 60 python3 -m torch.distributed.run --standalone --nproc_per_node=1 -m miniflamingo train \
+    --run-dir "$out/train_$mode" --vision "$out/demo_quick/vision.pt" --lm "$out/demo_quick/lm.pt" \
+    --steps 30 --docs 200 --pairs 200 --videos 60 --log-every 10 --save-every 30 "${extra[@]}" \
+    > "$out/train_$mode.txt" 2>&1
+  echo "-- torchrun train $mode (rc $?, $(( $(date +%s) - t0 )) s)"; tail -n 8 "$out/train_$mode.txt" | cut -c1-300
+done
+rm -rf "$out"/demo_quick "$out"/train_ddp "$out"/train_fsdp  # checkpoints: only the logs come back
+
 # A cold machine compiled the blocks for more than 120 s (second lease, 2026-11-27): room for it.
-bench regions_b512 220 --batch-size 512 --steps 6 --warmup 3 --compile regions --profile
-timeout 100 python3 -m miniflamingo demo --quick --run "$out/demo_quick" > "$out/demo_quick.txt" 2>&1
-echo "-- demo --quick (rc $?)"; tail -n 25 "$out/demo_quick.txt"
-rm -rf "$out/demo_quick"
+bench regions_overlap 220 --steps 6 --warmup 3 --overlap --compile regions --profile
+bench eager_no_flash 90 --steps 6 --warmup 2 --overlap --profile --sdpa efficient_attention,math
+batch=$(( 2 * batch )); bench eager_overlap_2x 120 --steps 4 --warmup 2 --overlap
+echo "-- done, $(( deadline - $(date +%s) )) s of the budget left"

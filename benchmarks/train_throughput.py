@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from miniflamingo import xattn  # noqa: E402
 from miniflamingo.config import FlamingoConfig  # noqa: E402
-from miniflamingo.data import DocumentDataset, MixtureSampler, Source  # noqa: E402
+from miniflamingo.data import DocumentDataset, MixtureSampler, Source, to_device  # noqa: E402
 from miniflamingo.flamingo import Flamingo  # noqa: E402
 from miniflamingo.tokenizer import Tokenizer  # noqa: E402
 from miniflamingo.train import DEFAULT_WEIGHTS  # noqa: E402
@@ -196,8 +196,8 @@ def train_step(model, opt, sampler, step: int, device: torch.device, autocast,
     batches, tokens, losses = sampler.batch(step), 0, []  # paper 2.4: one batch per dataset, then one update
     lap("data")
     for b in batches:
-        x, y = b.input_ids.to(device), b.targets.to(device)
-        feats = None if b.media is None else b.media.to(device)
+        x, y = to_device(b.input_ids, device), b.targets  # as train.py: no wait for the device
+        feats = None if b.media is None else to_device(b.media, device)
         frames = b.frames  # on the host, as train.py keeps them: the resampler reads the counts
         lap("data")
         if not (b.targets != -100).any():  # host targets: no device read, as in train.py
@@ -218,25 +218,81 @@ def train_step(model, opt, sampler, step: int, device: torch.device, autocast,
     return times, tokens, batches
 
 
-def profile_step(model, opt, sampler, step, device, autocast, rows: int = 25) -> None:
-    """Top ops of one step by self time (device time on a GPU), and the share in matmul-like kernels."""
+# Kernel classes for the device-time breakdown, first match wins: attention before matmul (the attention
+# kernels' names hold "cutlass" too), index before copy ("scatter" holds "cat", index_copy "copy").
+KERNEL_CLASSES = (
+    ("attention", ("flash", "fmha", "efficient_attention", "attention")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "sm90", "xmma", "mm", "matmul", "linear")),
+    ("fused (compiled)", ("triton_",)),  # torch.compile's kernels: several ops each
+    ("index", ("index", "gather", "scatter", "embedding")),
+    ("copy/cast", ("copy", "memcpy", "memset", "cast", "cat")),
+    ("norm/softmax", ("norm", "softmax", "log_softmax", "nll")),
+    ("reduce", ("reduce", "sum")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("elementwise", ("elementwise", "vectorized", "add", "mul", "gelu", "relu", "tanh", "where", "fill")),
+)
+
+
+def kernel_class(name: str) -> str:
+    name = name.lower()
+    return next((c for c, words in KERNEL_CLASSES if any(w in name for w in words)), "other")
+
+
+def profile_step(model, opt, sampler, step, device, autocast, rows: int = 25, overlap: bool = False) -> None:
+    """Top ops of one step by self time (device time on a GPU), the step's wall time beside its device
+    time (how busy the GPU was), and the device time by kernel class with launch counts."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
     with profile(activities=activities) as prof:
-        train_step(model, opt, sampler, step, device, autocast)
+        t = time.perf_counter()
+        train_step(model, opt, sampler, step, device, autocast, overlap)
+        sync(device)
+        wall = time.perf_counter() - t
     events = prof.key_averages()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     print(events.table(sort_by=key, row_limit=rows, max_name_column_width=60))
     if cuda:  # the kernels themselves: an aten op's row repeats its kernels' time
         events = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")] or events
+    else:  # leaf ops only would need the tree; the aten ops' self time is close enough for a CPU breakdown
+        events = [e for e in events if e.key.startswith("aten::")]
     total = sum(getattr(e, key) for e in events)
-    words = ("gemm", "cutlass", "nvjet", "sm90", "flash", "fmha", "efficient_attention") if cuda else (
-        "mm", "matmul", "linear", "scaled_dot_product", "flash")
-    matmul = sum(getattr(e, key) for e in events if any(k in e.key.lower() for k in words))
-    print(f"{'device' if cuda else 'self CPU'} time in matmul/attention kernels: "
-          f"{100 * matmul / max(total, 1):.0f}% of {total / 1e3:.0f} ms")
+    print(f"one step (profiled{', --overlap' if overlap else ''}): wall {1e3 * wall:.0f} ms, "
+          f"{'device' if cuda else 'self CPU'} time {total / 1e3:.0f} ms "
+          f"({100 * total / 1e6 / wall:.0f}% of the wall), {sum(e.count for e in events)} "
+          f"{'kernel launches' if cuda else 'ops'}")
+    by_class: dict[str, list[float]] = {}
+    for e in events:
+        c = by_class.setdefault(kernel_class(e.key), [0.0, 0])
+        c[0] += getattr(e, key)
+        c[1] += e.count
+    print("by class: " + ", ".join(f"{c} {100 * t / max(total, 1):.0f}% ({n})" for c, (t, n) in
+                                   sorted(by_class.items(), key=lambda kv: -kv[1][0])))
+
+
+def host_waits(model, opt, sampler, step, device, autocast) -> None:
+    """Where one step (as train.py runs it: --overlap) makes the host wait for the GPU: torch's sync debug
+    mode warns at each synchronizing call, and the warnings name the line that made it."""
+    import warnings
+    from collections import Counter
+
+    if device.type != "cuda":
+        print("host waits: only on a GPU (torch.cuda.set_sync_debug_mode)")
+        return
+    sync(device)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_step(model, opt, sampler, step, device, autocast, overlap=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                    if "synchroniz" in str(w.message).lower())
+    print(f"host waits in one step (--overlap; the step's own end is one): {sum(where.values())}"
+          + "".join(f", {n}x {k}" for k, n in where.most_common(12)))
 
 
 # ----------------------------------------------------------------------------- one preset
@@ -278,7 +334,9 @@ def bench(preset: str, args, device: torch.device) -> dict:
     peaks += matmul_peak(device, dtype)[0]
     peak = statistics.median(peaks)
     if args.profile:
-        profile_step(model, opt, sampler, args.warmup + steps, device, autocast)
+        profile_step(model, opt, sampler, args.warmup + steps, device, autocast, overlap=args.overlap)
+    if args.sync_debug:
+        host_waits(model, opt, sampler, args.warmup + steps + 1, device, autocast)
     med = {k: statistics.median(r[k] for r in rows) for k in ("data", "forward", "backward", "optimizer",
                                                                 "total")}
     achieved = statistics.median(r["flops"] / r["total"] for r in rows)
@@ -340,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", nargs="?", const="model", choices=["model", "regions"], default=None,
                     help="torch.compile the whole model (dynamic shapes), or 'regions': each LM block, xattn "
                          "layer and resampler layer (trainutil.compile_regions)")
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="GPU: run one more step and list the lines where the host waited for the device")
     ap.add_argument("--sdpa", default=None,
                     help="the SDPA backends allowed, comma-separated, from flash_attention, "
                          "efficient_attention, math, cudnn_attention (default: train.py's: all but cuDNN's "

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from miniflamingo.config import LMConfig
+from miniflamingo.data import to_device
 
 # ----------------------------------------------------------------------------- positions
 
@@ -260,7 +261,7 @@ class GPT(nn.Module):
         if cfg.pos == "rope":
             rotary = rotary_tables(torch.arange(past, past + L, device=x.device), cfg.d_head)
         else:
-            slopes = torch.tensor(alibi_slopes(cfg.n_head), device=x.device)
+            slopes = to_device(torch.tensor(alibi_slopes(cfg.n_head)), x.device)  # no wait for a GPU
         # One mask for all layers. Rotary with no cache and no padding is plain causal: SDPA's is_causal.
         mask = None
         if slopes is not None or past > 0 or key_mask is not None:
@@ -277,10 +278,14 @@ class GPT(nn.Module):
         h = self.ln_f(x)  # (B, L, D)
         head_at_targets = not return_logits and targets is not None
         if head_at_targets:
-            # Targets may sit on the host while x is elsewhere (the benchmark's meta-device FLOP count).
+            # Targets may sit on the host while x is elsewhere, and training keeps them there: nonzero
+            # on a GPU tensor makes the host wait for the GPU (its result's size is data), so train.py
+            # passes the host's targets and the positions go over by a copy that does not wait (issue 6).
             keep = (targets.reshape(B * L) != -100).nonzero().squeeze(1)  # (n,) positions with a target
-            h = h.reshape(B * L, -1).index_select(0, keep.to(x.device))  # (n, D)
-            targets = targets.reshape(B * L).index_select(0, keep).to(x.device)  # (n,)
+            h = h.reshape(B * L, -1).index_select(0, to_device(keep, x.device))  # (n, D)
+            targets = to_device(targets.reshape(B * L).index_select(0, keep), x.device)  # (n,)
+        elif targets is not None:
+            targets = to_device(targets, x.device)
         logits = self.lm_head(h)  # (B, L, V), or (n, V) at the targets only
 
         loss = None

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from miniflamingo.config import ResamplerConfig
+from miniflamingo.data import to_device
 
 
 class SquaredReLU(torch.autograd.Function):
@@ -170,7 +171,7 @@ class PerceiverResampler(nn.Module):
         for n, rows in groups.items():
             if n == 0:
                 continue
-            idx = torch.tensor(rows, device=x.device)
+            idx = to_device(torch.tensor(rows), x.device)  # built on the host: no wait for a GPU
             y = self.resample(flat.index_select(0, idx)[:, :n])  # (len(rows), R, Dr): real frames only
             out = (y.new_zeros(B * T, R, D) if out is None else out).index_copy(0, idx, y)
         if out is None:  # nothing but empty slots

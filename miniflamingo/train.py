@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from miniflamingo import distributed
 from miniflamingo.config import FlamingoConfig
-from miniflamingo.data import DataError, DocumentDataset, MixtureSampler, Source
+from miniflamingo.data import DataError, DocumentDataset, MixtureSampler, Source, to_device
 from miniflamingo.flamingo import Flamingo
 from miniflamingo.pretrain_lm import auto_dtype
 from miniflamingo.trainutil import (
@@ -465,8 +465,10 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
         # device has caught up, instead of queueing the next kernels and assembling the next batch (issue
         # 6). Token counts come from the host's targets; the losses are read once, after the loop.
         for b in sampler.batch(step):  # paper 2.4: accumulate over all datasets, then one update
-            x, y = b.input_ids.to(device), b.targets.to(device)
-            feats = None if b.media is None else b.media.to(device)
+            # No wait for the GPU: pinned copies (data.to_device); the targets stay on the host, where the
+            # LM finds the positions that have one without a device read (lm.GPT.forward).
+            x, y = to_device(b.input_ids, device), b.targets
+            feats = None if b.media is None else to_device(b.media, device)
             frames = b.frames  # stays on the host: the resampler groups media by these counts (no sync)
             n_local = int((b.targets != -100).sum())
             n_global = n_local if world_size == 1 else int(

@@ -22,6 +22,7 @@ from miniflamingo.data import (
     media_to_tensor,
     pairs_to_tokens,
     sample_subsequence,
+    to_device,
 )
 from miniflamingo.readers import letterbox, read_captions, read_interleaved
 from miniflamingo.tokenizer import Tokenizer
@@ -230,6 +231,38 @@ def test_collate_videos_frames_and_fixed_sizes():
         collate(rows, TOK, seq_len=3)
     with pytest.raises(ValueError, match="per-frame shape"):
         collate([rows[0], pairs_to_tokens(["big"], [np.zeros((4, 4, 3), np.uint8)], TOK)], TOK)
+    with pytest.raises(ValueError, match="row 1 has 1 <image> tokens and 0 media"):  # the first bad row
+        collate([rows[1], (rows[0][0], []), (rows[1][0], [])], TOK)
+    with pytest.raises(ValueError, match="row 2 has 0 input tokens"):
+        collate([rows[1], rows[0], ([EOT], [])], TOK)
+
+
+def test_to_device_copies_from_pinned_memory_without_waiting():
+    """On a GPU a plain .to("cuda") of pageable memory waits for the GPU to finish its queue; to_device
+    pins the host tensor and copies non_blocking. There is no GPU here, so a stand-in tensor records the
+    calls; on the CPU the tensor itself comes back."""
+    t = torch.arange(4)
+    assert to_device(t, "cpu") is t
+
+    class HostTensor:
+        device = torch.device("cpu")
+
+        def __init__(self):
+            self.calls = []
+
+        def pin_memory(self):
+            self.calls.append("pin_memory")
+            return self
+
+        def to(self, device, non_blocking=False):
+            self.calls.append((str(device), non_blocking))
+            return "on the GPU"
+
+    h = HostTensor()
+    assert to_device(h, "cuda") == "on the GPU" and h.calls == ["pin_memory", ("cuda", True)]
+    h = HostTensor()
+    h.device = torch.device("meta")  # not a host tensor: a plain move
+    assert to_device(h, "cuda") == "on the GPU" and h.calls == [("cuda", False)]
 
 
 def test_cached_features_equal_encoding_the_batch():
