@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import math
 import os
 import statistics
 import sys
@@ -210,9 +211,10 @@ def train_step(model, opt, sampler, step: int, device: torch.device, autocast,
         losses.append(loss.detach())
         tokens += x.numel()
         lap("backward")
-    if losses and not torch.isfinite(torch.stack(losses)).all():  # train.py reads the losses once a step
-        raise SystemExit(f"a loss is not finite at step {step}: {torch.stack(losses).tolist()}")
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    values = torch.stack([*losses, grad_norm.float()]).tolist()  # train.py's one read a step, after the clip
+    if not all(map(math.isfinite, values)):
+        raise SystemExit(f"a loss or the gradient norm is not finite at step {step}: {values}")
     opt.step()
     lap("optimizer")
     return times, tokens, batches

@@ -188,7 +188,9 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     the H200's step waited at each batch's copies). From pinned memory the copy is queued like a kernel;
     the pinned buffer is not reused before the copy has run (torch's caching host allocator sees to it)."""
     device = torch.device(device)
-    if device.type != "cuda" or t.device.type != "cpu":
+    # Under torch.compile a plain move: its traced tensors cannot be pinned (pretrain-lm --compile traces
+    # the ALiBi slopes' move), and the compiled graph places its inputs itself.
+    if device.type != "cuda" or t.device.type != "cpu" or torch.compiler.is_compiling():
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
@@ -210,29 +212,31 @@ def collate(rows: list[tuple[list[int], list]], special, seq_len: int | None = N
     B = len(rows)
     L = seq_len or max(len(ids) - 1 for ids, _ in rows)
     T = max_media if max_media is not None else max(len(m) for _, m in rows)
-    lengths = np.array([len(ids) - 1 for ids, _ in rows])  # input tokens per row
-    bad = np.flatnonzero((lengths < 1) | (lengths > L))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"row {i} has {lengths[i]} input tokens; expected 1..{L} (seq_len / context length)")
+    tensors = [[media_to_tensor(m) for m in ms] for _, ms in rows]  # bad media fail first, as they did
     # The whole batch at once in numpy: a few array ops instead of a handful of small torch ops per row
     # (on a GPU the host assembled a batch of 512 rows more slowly than the GPU trained on it, issue 6).
+    lengths = np.array([len(ids) - 1 for ids, _ in rows], dtype=np.int64)  # input tokens per row
+    bad_length = (lengths < 1) | (lengths > L)
     ids = np.full((B, L + 1), special.eot_id, dtype=np.int64)  # row i: its n + 1 ids, then padding
     for i, (row_ids, _) in enumerate(rows):
-        ids[i, :len(row_ids)] = row_ids
+        if not bad_length[i]:
+            ids[i, :len(row_ids)] = row_ids
     x, nxt = ids[:, :-1], ids[:, 1:]
     real = np.arange(L) < lengths[:, None]  # (B, L): input positions that are not padding
     is_image = (x == special.image_id) & real
-    n_images, n_media = is_image.sum(1), np.array([len(m) for _, m in rows])
-    bad = np.flatnonzero((n_images != n_media) | (n_media > T))
-    if bad.size:
+    n_images, n_media = is_image.sum(1), np.array([len(m) for _, m in rows], dtype=np.int64)
+    bad_media = ~bad_length & ((n_images != n_media) | (n_media > T))
+    bad = np.flatnonzero(bad_length | bad_media)
+    if bad.size:  # the first bad row, named as a row-by-row check would
         i = int(bad[0])
+        if bad_length[i]:
+            raise ValueError(f"row {i} has {lengths[i]} input tokens; expected 1..{L} (seq_len / context "
+                             f"length)")
         raise ValueError(f"row {i} has {n_images[i]} <image> tokens and {n_media[i]} media for {T} slots; "
                          f"each <image> needs exactly one media and a slot")
     no_loss = (nxt == special.image_id) | (is_image.cumsum(1) == 0) | ~real  # phi(t) = 0, or padding
     input_ids = torch.from_numpy(np.where(real, x, special.eot_id))
     targets = torch.from_numpy(np.where(no_loss, -100, nxt))
-    tensors = [[media_to_tensor(m) for m in ms] for _, ms in rows]
     shapes = {tuple(t.shape[1:]) for ts in tensors for t in ts}
     media, frames = None, None
     if len(shapes) > 1:

@@ -218,7 +218,7 @@ class MLPResampler(nn.Module):
         if frames is None:
             frames = torch.full((B, T), n_frames, dtype=torch.long, device=x.device)
         x = self.proj(x) + self.time_embeddings[:n_frames, None, :]  # (B, T, F, S, Dr)
-        real = torch.arange(n_frames, device=x.device) < frames.to(x.device)[..., None]  # (B, T, F)
+        real = torch.arange(n_frames, device=x.device) < to_device(frames, x.device)[..., None]  # (B, T, F)
         real = real.to(x.dtype)
         x = (x * real[..., None, None]).sum(2) / real.sum(2).clamp(min=1)[..., None, None]  # (B, T, S, Dr)
         x = x + self.ffw(x)  # per cell, residual

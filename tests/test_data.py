@@ -235,9 +235,16 @@ def test_collate_videos_frames_and_fixed_sizes():
         collate([rows[1], (rows[0][0], []), (rows[1][0], [])], TOK)
     with pytest.raises(ValueError, match="row 2 has 0 input tokens"):
         collate([rows[1], rows[0], ([EOT], [])], TOK)
+    long_row = (list(range(10, 20)), [])  # 9 input tokens
+    with pytest.raises(ValueError, match="row 0 has 1 <image> tokens"):  # row by row, whatever the check
+        collate([(rows[0][0], []), long_row], TOK, seq_len=8)
+    with pytest.raises(ValueError, match="row 0 has 9 input tokens"):
+        collate([long_row, (rows[0][0], [])], TOK, seq_len=8)
+    with pytest.raises(ValueError, match="expected uint8 image"):  # media are checked before the rows
+        collate([long_row, (rows[1][0], [np.zeros((2, 2, 4), np.uint8)])], TOK, seq_len=8)
 
 
-def test_to_device_copies_from_pinned_memory_without_waiting():
+def test_to_device_copies_from_pinned_memory_without_waiting(monkeypatch):
     """On a GPU a plain .to("cuda") of pageable memory waits for the GPU to finish its queue; to_device
     pins the host tensor and copies non_blocking. There is no GPU here, so a stand-in tensor records the
     calls; on the CPU the tensor itself comes back."""
@@ -262,6 +269,9 @@ def test_to_device_copies_from_pinned_memory_without_waiting():
     assert to_device(h, "cuda") == "on the GPU" and h.calls == ["pin_memory", ("cuda", True)]
     h = HostTensor()
     h.device = torch.device("meta")  # not a host tensor: a plain move
+    assert to_device(h, "cuda") == "on the GPU" and h.calls == [("cuda", False)]
+    h = HostTensor()  # under torch.compile, whose traced tensors cannot be pinned: a plain move
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert to_device(h, "cuda") == "on the GPU" and h.calls == [("cuda", False)]
 
 
