@@ -461,18 +461,20 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         opt.zero_grad(set_to_none=True)
         losses, tokens = {}, 0
-        # No reads of device values inside this loop: on a GPU each one makes the host wait until the
+        # No reads of device values inside the batch loop: on a GPU each one makes the host wait until the
         # device has caught up, instead of queueing the next kernels and assembling the next batch (issue
         # 6). Token counts come from the host's targets; the losses are read once, after the loop.
-        for b in sampler.batch(step):  # paper 2.4: accumulate over all datasets, then one update
+        batches = sampler.batch(step)  # paper 2.4: accumulate over all datasets, then one update
+        n_locals = [int((b.targets != -100).sum()) for b in batches]  # tokens with a target, per batch
+        # Across ranks, one sum of all batches' counts for the step (it is read: one wait, not one a batch)
+        n_globals = n_locals if world_size == 1 else distributed.global_count(
+            to_device(torch.tensor(n_locals), device), world_size).tolist()
+        for b, n_local, n_global in zip(batches, n_locals, n_globals):
             # No wait for the GPU: pinned copies (data.to_device); the targets stay on the host, where the
             # LM finds the positions that have one without a device read (lm.GPT.forward).
             x, y = to_device(b.input_ids, device), b.targets
             feats = None if b.media is None else to_device(b.media, device)
             frames = b.frames  # stays on the host: the resampler groups media by these counts (no sync)
-            n_local = int((b.targets != -100).sum())
-            n_global = n_local if world_size == 1 else int(
-                distributed.global_count(torch.tensor(n_local, device=device), world_size))
             if n_global == 0:
                 empty_batches += 1  # nothing to predict in this batch (no text after an <image>): counted,
                 continue  # and said at the end
