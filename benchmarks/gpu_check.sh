@@ -5,7 +5,8 @@
 #  1. MFU of the Flamingo step at the small preset in bf16, batch 512, waiting for the device once a step as
 #     train.py does (--overlap), with a device-time profile of one step by kernel class and the lines
 #     where the host waited for the GPU (--sync-debug);
-#  2. the whole demo pipeline in its quick form on the GPU (SKIP_DEMO=1 skips it);
+#  2. each attention call of that step timed with every SDPA kernel (benchmarks/short_attention.py), then
+#     the whole demo pipeline in its quick form on the GPU (SKIP_DEMO=1 skips the demo);
 #  3. the same step with each block compiled (--compile regions), profiled;
 #  4. the eager step with flash attention left out: it runs only the short-key attentions of the resampler
 #     and the grouped cross-attention (the LM's ALiBi bias rules it out there), and the third lease saw its
@@ -34,6 +35,13 @@ bench() {  # name, time limit, arguments
   grep -E "^(== |params|step |tokens/s|one step|by class|host waits|torch\.|.*Recompil)" "$out/$name.txt" | cut -c1-400
 }
 bench eager_overlap 110 --steps 6 --warmup 2 --overlap --profile --sync-debug
+# Each attention call of that step, forward + backward, with every SDPA kernel and as explicit matmuls.
+if room 90 "short_attention"; then
+  t0=$(date +%s)
+  timeout 90 python3 benchmarks/short_attention.py --preset "$preset" --batch-size "$batch" --threads 0 \
+    > "$out/short_attention.txt" 2>&1
+  echo "-- short_attention (rc $?, $(( $(date +%s) - t0 )) s)"; cut -c1-160 "$out/short_attention.txt"
+fi
 
 if [ -z "${SKIP_DEMO:-}" ] && room 150 "demo --quick"; then
   t0=$(date +%s)
