@@ -154,7 +154,7 @@ def read_local(image_size: int, tok, args) -> dict[str, DocumentDataset]:
     --skip-bad are skipped, counted and listed (readers.Report); a source left with nothing is an error."""
     from miniflamingo import readers
 
-    defaults = vars(parse_args([])[0])
+    defaults = option_defaults()
     ignored = [f"--{k.replace('_', '-')}" for k in WORLD_ARGS if getattr(args, k) != defaults[k]]
     if ignored:
         log(f"train: {', '.join(ignored)} shape the synthetic world's data; with local files they are "
@@ -327,6 +327,11 @@ def parse_args(argv):
     return args, overrides
 
 
+def option_defaults() -> dict:
+    """Every option's default, as parse_args gives it with no arguments."""
+    return vars(parse_args([])[0])
+
+
 def parse_named_weights(text: str | None, defaults: dict[str, float], option: str, kind: str
                         ) -> dict[str, float]:
     """`name=w,name=w` over the defaults: the named weights changed, the others kept."""
@@ -415,7 +420,7 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
             raise SystemExit(f"train: {ckpt_path} holds another config; use another --run or the same "
                              f"options")
         differ = resume_mismatches(state.get("args", {}), args, RESUME_ARGS,
-                                   defaults=vars(parse_args([])[0]))  # options added since: their defaults
+                                   defaults=option_defaults())  # options added since: their defaults
         if differ:
             raise SystemExit(f"train: cannot resume {ckpt_path}: it was trained with another "
                              f"{'; '.join(differ)}; use the same options, or another --run")
