@@ -40,7 +40,7 @@ if room 90 "short_attention"; then
   t0=$(date +%s)
   timeout 90 python3 benchmarks/short_attention.py --preset "$preset" --batch-size "$batch" --threads 0 \
     > "$out/short_attention.txt" 2>&1
-  echo "-- short_attention (rc $?, $(( $(date +%s) - t0 )) s)"; cut -c1-160 "$out/short_attention.txt"
+  echo "-- short_attention (rc $?, $(( $(date +%s) - t0 )) s)"; cut -c1-220 "$out/short_attention.txt"
 fi
 
 if [ -z "${SKIP_DEMO:-}" ] && room 150 "demo --quick"; then

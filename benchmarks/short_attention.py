@@ -12,10 +12,16 @@ Notable features
   and causality. The frozen vision features are zeros from a stand-in encoder of the right shape: the
   shapes do not depend on their values, and no vision encoder has to run.
 - Each distinct call is then timed on the device with random inputs of its shapes (bf16 on a GPU, fp32 on
-  a CPU): forward and backward to q, k and v, under each backend alone (flash, memory-efficient, math,
-  cuDNN; a backend that refuses the call, e.g. flash with a mask, is left blank) and as plain batched
-  matmuls and a softmax written out (`explicit`, what the math backend does, without its checks).
-  Median of --repeats after a warmup; calls per step times the time per call gives the step's share.
+  a CPU): forward and backward to q, k and v, under train's choice of kernels (`default`: all but
+  cuDNN's, trainutil.avoid_cudnn_attention), under each backend alone (flash, memory-efficient, math,
+  cuDNN; a backend that refuses the call, e.g. flash with a mask, is left blank and the reason printed)
+  and as plain batched matmuls and a softmax written out (`explicit`). Median of --repeats after a
+  warmup, each repeat 5 calls queued between two waits for the device (wall clock, so what the host
+  spends launching a call counts where it exceeds the device's time). Calls per step times the time per
+  call gives the step's share.
+- Not measured here: cuDNN's cost of building a graph for each new shape (training's rows change length
+  every batch; 1.8 ms of host time a call on an H200, trainutil.avoid_cudnn_attention): every shape here
+  repeats after its warmup. Inputs are fresh contiguous tensors, where the model passes views.
 
 Shapes: N calls' batch, nh heads, Lq queries, Lk keys, hs head size.
 """
@@ -44,6 +50,7 @@ from miniflamingo.world import World  # noqa: E402
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
+DEFAULT = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # train's (trainutil)
 
 
 def record_calls(preset: str, batch_size: int) -> tuple[collections.Counter, dict]:
@@ -83,7 +90,8 @@ def record_calls(preset: str, batch_size: int) -> tuple[collections.Counter, dic
     F.scaled_dot_product_attention = recording  # the model's modules look it up at call time
     try:
         for b in MixtureSampler(sources, seed=0).batch(0):
-            model(b.input_ids.to("meta"), vision_features=b.media.to("meta"), targets=b.targets,
+            media = None if b.media is None else b.media.to("meta")
+            model(b.input_ids.to("meta"), vision_features=media, targets=b.targets,
                   media_frames=b.frames, return_logits=False, media_checked=True)
     finally:
         F.scaled_dot_product_attention = real_sdpa
@@ -91,7 +99,8 @@ def record_calls(preset: str, batch_size: int) -> tuple[collections.Counter, dic
 
 
 def explicit_attention(q, k, v, attn_mask=None, is_causal=False):
-    """softmax(q k^T / sqrt(hs) + mask) v as batched matmuls (float32 softmax, as SDPA's math backend)."""
+    """softmax(q k^T / sqrt(hs) + mask) v as batched matmuls in the inputs' dtype and a float32 softmax.
+    (SDPA's math backend on a GPU runs bf16 inputs in float32 throughout, unless told otherwise.)"""
     scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
     if is_causal:
         scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1),
@@ -102,8 +111,10 @@ def explicit_attention(q, k, v, attn_mask=None, is_causal=False):
     return scores.softmax(-1).to(q.dtype) @ v
 
 
-def time_call(key, device, dtype, backend: str, repeats: int) -> float | None:
-    """Median seconds of forward + backward of one call, or None when the backend refuses it."""
+def time_call(key, device, dtype, backend: str, repeats: int, inner: int = 5) -> float | str:
+    """Median seconds of forward + backward of one call, or why the backend could not run it. Each repeat
+    queues `inner` calls between two waits for the device, so a call's launch overhead overlaps the work
+    before it as in a training step (one call between two waits would time the launches as well)."""
     q_shape, k_shape, v_shape, mask, is_causal = key
     q, k, v = (torch.randn(s, device=device, dtype=dtype, requires_grad=True)
                for s in (q_shape, k_shape, v_shape))
@@ -113,7 +124,7 @@ def time_call(key, device, dtype, backend: str, repeats: int) -> float | None:
         if kind == "torch.bool":
             attn_mask = torch.rand(shape, device=device) < 0.9
             attn_mask[..., 0] = True  # every query keeps a key: no all-masked rows
-        else:
+        else:  # under autocast the model's float mask reaches SDPA in the queries' dtype
             attn_mask = torch.randn(shape, device=device, dtype=dtype)
     grad = torch.randn(q_shape[:-1] + v_shape[-1:], device=device, dtype=dtype)
 
@@ -121,7 +132,7 @@ def time_call(key, device, dtype, backend: str, repeats: int) -> float | None:
         if backend == "explicit":
             out = explicit_attention(q, k, v, attn_mask, is_causal)
         else:
-            with sdpa_kernel([BACKENDS[backend]]):
+            with sdpa_kernel(DEFAULT if backend == "default" else [BACKENDS[backend]]):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         out.backward(grad)
         q.grad = k.grad = v.grad = None
@@ -130,17 +141,19 @@ def time_call(key, device, dtype, backend: str, repeats: int) -> float | None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    try:
-        once()  # warmup; a backend that cannot run the call raises here
-    except RuntimeError:
-        return None
+    try:  # warmup; a backend that cannot run the call (or runs out of memory) raises here
+        once()
+        sync()
+    except Exception as e:  # noqa: BLE001 - the reason is printed
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:100] if str(e).strip() else ''}"
     times = []
     for _ in range(repeats):
         sync()
         t = time.perf_counter()
-        once()
+        for _ in range(inner):
+            once()
         sync()
-        times.append(time.perf_counter() - t)
+        times.append((time.perf_counter() - t) / inner)
     return statistics.median(times)
 
 
@@ -162,23 +175,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {device} ({dtype}), {args.preset} preset, batch {args.batch_size}: "
           f"{sum(calls.values())} attention calls a step, {len(calls)} distinct (recorded in "
           f"{time.perf_counter() - t0:.0f} s)")
-    names = ["flash", "efficient", "math", "cudnn", "explicit"] if device.type == "cuda" else \
-        ["flash", "efficient", "math", "explicit"]
-    print(f"{'call (q / k shapes, mask)':58s} {'where':14s} {'n':>3s} " + " ".join(f"{n:>9s}" for n in names)
+    names = ["default", "flash", "efficient", "math"] + (["cudnn"] if device.type == "cuda" else []) + \
+        ["explicit"]
+    print(f"{'call (q / k shapes, mask)':50s} {'where':15s} {'n':>3s} " + " ".join(f"{n:>9s}" for n in names)
           + "   ms per call, forward + backward")
-    totals = dict.fromkeys(names, 0.0)
+    totals, refused, reasons = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0), {}
     for key, n in sorted(calls.items(), key=lambda kv: -kv[1] * kv[0][0][0]):
         q_shape, k_shape, _, mask, is_causal = key
         ms = {b: time_call(key, device, dtype, b, args.repeats) for b in names}
-        best = min((t for t in ms.values() if t is not None), default=0.0)
-        for b in names:  # a refused call counts at the best time, so the totals stay comparable
-            totals[b] += n * (ms[b] if ms[b] is not None else best)
+        for b in names:  # a call a backend refuses runs on the default choice's kernel: counted at its time
+            ran = isinstance(ms[b], float)
+            totals[b] += n * (ms[b] if ran else ms["default"] if isinstance(ms["default"], float) else 0.0)
+            if not ran:
+                refused[b] += n
+                reasons.setdefault((b, ms[b]), where[key])
         mask_text = "causal" if is_causal else ("" if mask is None else f"mask {mask[1].split('.')[-1]}")
         label = f"{'x'.join(map(str, q_shape))} / {'x'.join(map(str, k_shape))} {mask_text}"
-        print(f"{label[:58]:58s} {where[key]:14s} {n:3d} "
-              + " ".join(f"{1e3 * ms[b]:9.3f}" if ms[b] is not None else f"{'-':>9s}" for b in names))
-    print("a step's attention, forward + backward (refused calls at the best backend's time): "
-          + ", ".join(f"{b} {1e3 * t:.1f} ms" for b, t in totals.items()))
+        print(f"{label[:50]:50s} {where[key]:15s} {n:3d} "
+              + " ".join(f"{1e3 * ms[b]:9.3f}" if isinstance(ms[b], float) else f"{'-':>9s}" for b in names))
+    print(f"a step's {sum(calls.values())} attention calls, forward + backward (default: train's choice, "
+          f"every kernel but cuDNN's; a refused call counted at the default's time):")
+    print("  " + ", ".join(f"{b} {1e3 * t:.1f} ms" + (f" ({refused[b]} refused)" if refused[b] else "")
+                          for b, t in totals.items()))
+    for (b, why), at in reasons.items():
+        print(f"  {b} refused (first at {at}): {why}")
     return 0
 
 
