@@ -40,13 +40,12 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_throughput.py, beside this file
+
+from train_throughput import sync, world_sampler  # noqa: E402
 
 from miniflamingo.config import FlamingoConfig  # noqa: E402
-from miniflamingo.data import DocumentDataset, MixtureSampler, Source  # noqa: E402
 from miniflamingo.flamingo import Flamingo  # noqa: E402
-from miniflamingo.tokenizer import Tokenizer  # noqa: E402
-from miniflamingo.train import DEFAULT_WEIGHTS  # noqa: E402
-from miniflamingo.world import World  # noqa: E402
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
@@ -55,9 +54,6 @@ DEFAULT = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBacken
 
 def record_calls(preset: str, batch_size: int) -> tuple[collections.Counter, dict]:
     """{(q shape, k shape, v shape, mask shape or None, is_causal): calls in one step}, and who made them."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from train_throughput import ModelIds  # the tokenizer's ids with the preset's special ids
-
     cfg = FlamingoConfig.preset(preset)
     model = Flamingo(cfg).to("meta")
     S, Dv = cfg.vision.grid_size ** 2, cfg.vision.d_out
@@ -65,17 +61,7 @@ def record_calls(preset: str, batch_size: int) -> tuple[collections.Counter, dic
     def features(frames: torch.Tensor) -> torch.Tensor:  # a stand-in encoder: (n, 3, H, W) -> (n, S, Dv)
         return torch.zeros(frames.shape[0], S, Dv)
 
-    ids = ModelIds(Tokenizer.default(), cfg)
-    world, n = World(seed=0, image_size=cfg.vision.image_size), 2 * batch_size
-    data = {
-        "interleaved": DocumentDataset.from_documents(world.documents(n, seed=0), ids),
-        "image_text": DocumentDataset.from_pairs(world.image_text_pairs(n, seed=0), ids),
-        "video_text": DocumentDataset.from_pairs(world.video_text_pairs(max(2, n // 2), seed=0), ids),
-    }
-    sizes = {"interleaved": batch_size, "image_text": batch_size, "video_text": max(1, batch_size // 2)}
-    sources = [Source(k, d.with_features(features), DEFAULT_WEIGHTS[k], sizes[k],
-                      seq_len=min(256, cfg.lm.context_length), max_media=cfg.max_media)
-               for k, d in data.items()]
+    sampler = world_sampler(cfg, batch_size, features)  # the benchmark's batches, train.py's sources
     calls, where = collections.Counter(), {}
     real_sdpa = F.scaled_dot_product_attention
 
@@ -89,7 +75,7 @@ def record_calls(preset: str, batch_size: int) -> tuple[collections.Counter, dic
 
     F.scaled_dot_product_attention = recording  # the model's modules look it up at call time
     try:
-        for b in MixtureSampler(sources, seed=0).batch(0):
+        for b in sampler.batch(0):
             media = None if b.media is None else b.media.to("meta")
             model(b.input_ids.to("meta"), vision_features=media, targets=b.targets,
                   media_frames=b.frames, return_logits=False, media_checked=True)
@@ -137,22 +123,18 @@ def time_call(key, device, dtype, backend: str, repeats: int, inner: int = 5) ->
         out.backward(grad)
         q.grad = k.grad = v.grad = None
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     try:  # warmup; a backend that cannot run the call (or runs out of memory) raises here
         once()
-        sync()
+        sync(device)
     except Exception as e:  # noqa: BLE001 - the reason is printed
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:100] if str(e).strip() else ''}"
     times = []
     for _ in range(repeats):
-        sync()
+        sync(device)
         t = time.perf_counter()
         for _ in range(inner):
             once()
-        sync()
+        sync(device)
         times.append((time.perf_counter() - t) / inner)
     return statistics.median(times)
 

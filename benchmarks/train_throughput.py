@@ -162,6 +162,13 @@ def build(preset: str, batch_size: int, device: torch.device, seed: int = 0):
     cfg = FlamingoConfig.preset(preset)
     torch.manual_seed(seed)
     model = Flamingo(cfg).to(device)  # before encoding: on a GPU the cached features stay there
+    return model, world_sampler(cfg, batch_size, model.vision, seed)
+
+
+def world_sampler(cfg: FlamingoConfig, batch_size: int, encoder, seed: int = 0) -> MixtureSampler:
+    """train.py's three sources over the world's documents, image-text and video-text pairs, their media
+    replaced by `encoder`'s features (frozen: encoded once, as train.py does), batch_size rows of each
+    (videos: half as many) with train.py's weights."""
     ids = ModelIds(Tokenizer.default(), cfg)
     sizes = {"interleaved": batch_size, "image_text": batch_size, "video_text": max(1, batch_size // 2)}
     world = World(seed=0, image_size=cfg.vision.image_size)
@@ -171,10 +178,10 @@ def build(preset: str, batch_size: int, device: torch.device, seed: int = 0):
         "image_text": DocumentDataset.from_pairs(world.image_text_pairs(n, seed=seed), ids),
         "video_text": DocumentDataset.from_pairs(world.video_text_pairs(max(2, n // 2), seed=seed), ids),
     }
-    data = {k: d.with_features(model.vision, batch_size=32) for k, d in data.items()}  # encoder is frozen
+    data = {k: d.with_features(encoder, batch_size=32) for k, d in data.items()}
     sources = [Source(k, data[k], DEFAULT_WEIGHTS[k], sizes[k], seq_len=min(256, cfg.lm.context_length),
                       max_media=cfg.max_media) for k in data]
-    return model, MixtureSampler(sources, seed=seed)
+    return MixtureSampler(sources, seed=seed)
 
 
 def train_step(model, opt, sampler, step: int, device: torch.device, autocast,
