@@ -77,8 +77,9 @@ def record_calls(preset: str, batch_size: int) -> tuple[collections.Counter, dic
     try:
         for b in sampler.batch(0):
             media = None if b.media is None else b.media.to("meta")
+            segments = None if b.segments is None else b.segments.to("meta")  # packed, as train.py does
             model(b.input_ids.to("meta"), vision_features=media, targets=b.targets,
-                  media_frames=b.frames, return_logits=False, media_checked=True)
+                  media_frames=b.frames, return_logits=False, media_checked=True, segments=segments)
     finally:
         F.scaled_dot_product_attention = real_sdpa
     return calls, where

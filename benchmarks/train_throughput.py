@@ -25,7 +25,9 @@ Notable features
   (2048 on a CPU, 8192 on a GPU), median of 5 repeats just before and 5 just after the preset's steps
   (the shared machine's speed drifts), in the dtype of the step (bf16 when autocast is used, the default
   on GPU).
-- Tokens = input positions of all batches of a step, padding included, as train.py counts them.
+- Tokens = input positions of all batches of a step, padding included, as train.py counts them. Rows are
+  packed as train.py packs them (data.collate's pack: fewer padded positions for the same rows);
+  `--no-pack` pads each row to the longest of its batch, as before.
 - Medians over the timed steps after warmup; the step-time breakdown is data (sampler + copy to the
   device), forward, backward, optimizer (clip + AdamW). The peak is measured with the same threads
   as the step (--threads), so MFU compares like with like.
@@ -126,7 +128,8 @@ def _count_flops(meta_model: Flamingo, batches, autocast) -> tuple[int, int]:
         for b in batches:
             with autocast():
                 _, loss = meta_model(b.input_ids.to("meta"), vision_features=_meta(b.media),
-                                     targets=b.targets, media_frames=b.frames, return_logits=False)
+                                     targets=b.targets, media_frames=b.frames, return_logits=False,
+                                     segments=_meta(b.segments))
             (b.weight * loss).backward()
     part = flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
     with part:  # the resampler alone: its input needs no grad, so this is exactly its share of the step
@@ -157,18 +160,20 @@ class ModelIds:
         self.eot_id, self.image_id, self.eoc_id = cfg.eot_id, cfg.image_id, cfg.eoc_id
 
 
-def build(preset: str, batch_size: int, device: torch.device, seed: int = 0):
+def build(preset: str, batch_size: int, device: torch.device, seed: int = 0, pack: bool = True):
     """A Flamingo of the preset with random frozen parts, and a mixture sampler over the world's features."""
     cfg = FlamingoConfig.preset(preset)
     torch.manual_seed(seed)
     model = Flamingo(cfg).to(device)  # before encoding: on a GPU the cached features stay there
-    return model, world_sampler(cfg, batch_size, model.vision, seed)
+    return model, world_sampler(cfg, batch_size, model.vision, seed, pack)
 
 
-def world_sampler(cfg: FlamingoConfig, batch_size: int, encoder, seed: int = 0) -> MixtureSampler:
+def world_sampler(cfg: FlamingoConfig, batch_size: int, encoder, seed: int = 0,
+                  pack: bool = True) -> MixtureSampler:
     """train.py's three sources over the world's documents, image-text and video-text pairs, their media
     replaced by `encoder`'s features (frozen: encoded once, as train.py does), batch_size rows of each
-    (videos: half as many) with train.py's weights."""
+    (videos: half as many) with train.py's weights, rows packed as train.py packs them (pack=False: each
+    row padded to the longest of its batch)."""
     ids = ModelIds(Tokenizer.default(), cfg)
     sizes = {"interleaved": batch_size, "image_text": batch_size, "video_text": max(1, batch_size // 2)}
     world = World(seed=0, image_size=cfg.vision.image_size)
@@ -180,7 +185,7 @@ def world_sampler(cfg: FlamingoConfig, batch_size: int, encoder, seed: int = 0) 
     }
     data = {k: d.with_features(encoder, batch_size=32) for k, d in data.items()}
     sources = [Source(k, data[k], DEFAULT_WEIGHTS[k], sizes[k], seq_len=min(256, cfg.lm.context_length),
-                      max_media=cfg.max_media) for k in data]
+                      max_media=cfg.max_media, pack=pack) for k in data]
     return MixtureSampler(sources, seed=seed)
 
 
@@ -207,11 +212,13 @@ def train_step(model, opt, sampler, step: int, device: torch.device, autocast,
         x, y = to_device(b.input_ids, device), b.targets  # as train.py: no wait for the device
         feats = None if b.media is None else to_device(b.media, device)
         frames = b.frames  # on the host, as train.py keeps them: the resampler reads the counts
+        segments = None if b.segments is None else to_device(b.segments, device)  # packed rows
         lap("data")
         if not (b.targets != -100).any():  # host targets: no device read, as in train.py
             continue
         with autocast():
-            _, loss = model(x, vision_features=feats, targets=y, media_frames=frames, return_logits=False,
+            _, loss = model(x, vision_features=feats, targets=y, media_frames=frames, segments=segments,
+                            return_logits=False,
                             media_checked=True)
         lap("forward")
         (b.weight * loss).backward()
@@ -317,7 +324,7 @@ def bench(preset: str, args, device: torch.device) -> dict:
     steps = args.steps or DEFAULT_STEPS.get(preset, 3)
     batch = args.batch_size or (16 if device.type == "cuda" else DEFAULT_BATCH.get(preset, 4))
     t0 = time.perf_counter()
-    model, sampler = build(preset, batch, device)
+    model, sampler = build(preset, batch, device, pack=args.pack)
     setup = time.perf_counter() - t0
     meta_model = copy.deepcopy(model).to("meta")
     if args.compile == "model":
@@ -397,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads, 0: torch's default (one per core). Default 1: on the shared 2-core "
                          "machine 2 threads ran tiny 18x slower than 1, waiting on a core another job held")
+    ap.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                    help="pack short rows together as train.py does (default); --no-pack pads each row to "
+                         "the longest of its batch")
     ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                     help="auto: bf16 autocast on GPU, fp32 on CPU")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -152,9 +152,9 @@ class Flamingo(nn.Module):
                 f"sequence length {input_ids.shape[1]} exceeds lm.context_length={self.cfg.lm.context_length}"
             )
 
-    def _phi(self, input_ids, key_mask, latents, checked: bool = False) -> torch.Tensor:
+    def _phi(self, input_ids, key_mask, latents, checked: bool = False, segments=None) -> torch.Tensor:
         """phi (B, L), after checking that every <image> has a media slot (unless the caller has)."""
-        phi = compute_phi(input_ids, self.cfg.image_id, key_mask)  # paper 2.3
+        phi = compute_phi(input_ids, self.cfg.image_id, key_mask, segments)  # paper 2.3
         n_images, T = phi[:, -1], 0 if latents is None else latents.shape[1]
         if not checked and len(n_images) and not n_images.is_meta and int(n_images.max()) > T:
             row = int(n_images.argmax())
@@ -165,7 +165,7 @@ class Flamingo(nn.Module):
 
     def forward(self, input_ids, media=None, targets=None, *, attention_mask=None, vision_features=None,
                 media_latents=None, media_frames=None, return_logits: bool = True,
-                media_checked: bool = False):
+                media_checked: bool = False, segments=None):
         """input_ids (B, L) long; media (B, T, F, C, H, W) in [0, 1] (or vision_features (B, T, F, S, Dv),
         or media_latents (B, T, R, Dr)); targets (B, L) with -100 = no loss; attention_mask (B, L) bool,
         False on (left) padding; media_frames (B, T) long, real frames per media when shorter media are
@@ -175,13 +175,21 @@ class Flamingo(nn.Module):
         media_checked: the batch comes from data.collate, which has checked on the host that each row's
         <image> tokens have media slots; the forward then skips checking it again, on a GPU a wait for
         the device (issue 6: train.py's loop keeps the host queueing work ahead of the GPU).
+        segments (B, L) long: rows packed by data.collate(pack=True), -1 on padding. Each segment attends
+        only to itself in the LM and reads only its own media (phi restarts at 0 in each), so the loss
+        is the unpacked batch's. Needs only-immediate-media cross-attention: with all previous media a
+        token would also see the earlier segments' images.
         """
         self._check_ids(input_ids)
+        if segments is not None and not self.cfg.xattn.only_immediate_media:
+            raise ValueError("packed rows (segments) need xattn.only_immediate_media=True: with all previous "
+                             "media, a row's tokens would see the images of the rows packed before it")
         attention_mask = None if attention_mask is None else attention_mask.bool()
         latents = self._media_latents(input_ids.shape[0], media, vision_features, media_latents, media_frames)
-        phi = self._phi(input_ids, attention_mask, latents, checked=media_checked)
+        phi = self._phi(input_ids, attention_mask, latents, checked=media_checked, segments=segments)
         return self.lm(inputs_embeds=self.embed(input_ids), targets=targets, key_mask=attention_mask,
-                       before_block=self._xattn_hook(latents, phi), return_logits=return_logits)
+                       before_block=self._xattn_hook(latents, phi), return_logits=return_logits,
+                       segments=segments)
 
     # ----------------------------------------------------------------------------- generation
 

@@ -69,7 +69,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.to(x.dtype)
 
 
-def attention_mask(past: int, L: int, key_mask, slopes, device) -> torch.Tensor:
+def attention_mask(past: int, L: int, key_mask, slopes, device, segments=None) -> torch.Tensor:
     """What SDPA gets as `attn_mask` for L new queries at positions past .. past+L-1 over Lk = past+L keys.
 
     Without slopes (rotary): bool, True = may attend, shape (B|1, 1, L, Lk).
@@ -77,6 +77,8 @@ def attention_mask(past: int, L: int, key_mask, slopes, device) -> torch.Tensor:
     A query always may attend to itself, even when key_mask marks it as padding: a left-padding query
     has no real key before it, and a row of all -inf would make softmax NaN. Its output is never used,
     and real queries never see padded keys, since a real query's own position is not padding.
+    segments (B, Lk) long, packed rows (data.collate's pack): a query sees only keys of its own segment,
+    so each packed row attends as it would alone (ALiBi and rotary depend on i - j only).
     """
     q_pos = torch.arange(past, past + L, device=device)
     k_pos = torch.arange(past + L, device=device)
@@ -84,6 +86,8 @@ def attention_mask(past: int, L: int, key_mask, slopes, device) -> torch.Tensor:
     allowed = (dist >= 0)[None, None]  # (1, 1, L, Lk), causal
     if key_mask is not None:
         allowed = allowed & (key_mask[:, None, None, :] | (dist == 0))  # (B, 1, L, Lk)
+    if segments is not None:
+        allowed = allowed & (segments[:, None, past:, None] == segments[:, None, None, :])  # (B, 1, L, Lk)
     if slopes is None:
         return allowed
     bias = -slopes.view(1, -1, 1, 1) * dist  # (1, nh, L, Lk), ALiBi: linear penalty on distance
@@ -145,16 +149,21 @@ class CausalSelfAttention(nn.Module):
         # torch.zeros, not empty: the GPT init touches only Linear and Embedding weights.
         self.smear = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.smear_keys and layer > 0 else None
 
-    def smear_keys(self, k: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    def smear_keys(self, k: torch.Tensor, key_mask: torch.Tensor | None,
+                   segments: torch.Tensor | None = None) -> torch.Tensor:
         """k (B, nh, Lk, hs), all keys from position 0 -> the smeared keys. The key before position 0, and
         before a real token that follows left padding (key_mask (B, Lk), False = padding), is zero, so a
-        padded row's real tokens get the keys of the unpadded row."""
+        padded row's real tokens get the keys of the unpadded row; so is the key before each segment of a
+        packed row (segments (B, Lk)), so each gets the keys it would have alone."""
         prev = k if key_mask is None else k * key_mask[:, None, :, None].to(k.dtype)
         prev = F.pad(prev, (0, 0, 1, 0))[:, :, :-1]  # (B, nh, Lk, hs): the key at j - 1, zero at j = 0
+        if segments is not None:
+            same = F.pad(segments[:, 1:] == segments[:, :-1], (1, 0))  # (B, Lk): j - 1 in j's segment
+            prev = prev * same[:, None, :, None].to(k.dtype)
         s = torch.sigmoid(self.smear).to(k.dtype).view(1, -1, 1, 1)  # (1, nh, 1, 1)
         return torch.lerp(prev, k, s)  # s * k + (1 - s) * prev
 
-    def forward(self, x, mask, rotary, cache: KVCache | None, layer: int, key_mask=None):
+    def forward(self, x, mask, rotary, cache: KVCache | None, layer: int, key_mask=None, segments=None):
         B, L, D = x.shape
         q, k, v = self.c_attn(x).split(D, dim=2)  # (B, L, D) each
         q = q.view(B, L, self.n_head, self.d_head).transpose(1, 2)  # (B, nh, L, hs)
@@ -165,7 +174,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, Lk, hs); the cache keeps the keys unsmeared
         if self.smear is not None:
-            k = self.smear_keys(k, key_mask)  # all Lk keys: a cached step smears its new key with the last
+            # all Lk keys: a cached step smears its new key with the last
+            k = self.smear_keys(k, key_mask, segments)
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(q.dtype)  # SDPA kernels want the float mask in the query's dtype (bf16)
         y = F.scaled_dot_product_attention(
@@ -197,8 +207,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, mask, rotary, cache, layer, key_mask=None):
-        x = x + self.attn(self.ln_1(x), mask, rotary, cache, layer, key_mask)
+    def forward(self, x, mask, rotary, cache, layer, key_mask=None, segments=None):
+        x = x + self.attn(self.ln_1(x), mask, rotary, cache, layer, key_mask, segments)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -246,16 +256,21 @@ class GPT(nn.Module):
         return KVCache(self.cfg.n_layer, batch_size, max_len)
 
     def forward(self, idx=None, targets=None, *, inputs_embeds=None, cache=None, key_mask=None,
-                before_block=None, return_logits: bool = True):
+                before_block=None, return_logits: bool = True, segments=None):
         """(logits (B, L, V), mean cross-entropy over targets != -100, or None without targets).
         return_logits=False (training): (None, loss), the head run only at positions with a target; in a
         tiny Flamingo batch 43% of them have one, and the head with its log-softmax was the largest
-        non-attention cost of the step (issue 6)."""
+        non-attention cost of the step (issue 6). segments (B, L) long: packed rows (data.collate's pack),
+        each attending only within itself."""
         cfg = self.cfg
         x = self._embed(idx, inputs_embeds)  # (B, L, D)
         B, L, _ = x.shape
         past = 0 if cache is None else cache.length
         self._check(B, L, past, targets, cache, key_mask)
+        if segments is not None and (cache is not None or tuple(segments.shape) != (B, L)):
+            cached = " and a cache" if cache is not None else ""
+            raise ValueError(f"segments are for training on packed rows: expected (B, L) = ({B}, {L}) and no "
+                             f"cache, got {tuple(segments.shape)}{cached}")
 
         rotary = slopes = None
         if cfg.pos == "rope":
@@ -264,13 +279,13 @@ class GPT(nn.Module):
             slopes = to_device(torch.tensor(alibi_slopes(cfg.n_head)), x.device)  # no wait for a GPU
         # One mask for all layers. Rotary with no cache and no padding is plain causal: SDPA's is_causal.
         mask = None
-        if slopes is not None or past > 0 or key_mask is not None:
-            mask = attention_mask(past, L, key_mask, slopes, x.device)
+        if slopes is not None or past > 0 or key_mask is not None or segments is not None:
+            mask = attention_mask(past, L, key_mask, slopes, x.device, segments)
 
         for i, block in enumerate(self.blocks):
             if before_block is not None:
                 x = before_block(i, x)  # Flamingo's gated xattn-dense layers go here (paper 2.2)
-            x = block(x, mask, rotary, cache, i, key_mask)
+            x = block(x, mask, rotary, cache, i, key_mask, segments)
         if before_block is not None:
             x = before_block(len(self.blocks), x)  # after the last block: see Flamingo's xattn.after_last
         if cache is not None:

@@ -232,8 +232,11 @@ def world_sources(data: dict[str, DocumentDataset], cfg: FlamingoConfig, args,
     batch = {"interleaved": args.batch_size, "image_text": args.pair_batch_size,
              "video_text": args.video_batch_size}
     seq_len = min(args.seq_len, cfg.lm.context_length)
-    sources = [Source(name, data[name], weights[name], batch[name], seq_len=seq_len,
-                      max_media=cfg.max_media, p_next=args.p_next) for name in data if weights[name] > 0]
+    # Packing needs cross-attention to the immediate media only (Flamingo.forward says why): with all
+    # previous media (the Table 10 ablation) rows are padded as before.
+    pack = args.pack and cfg.xattn.only_immediate_media
+    sources = [Source(name, data[name], weights[name], batch[name], seq_len=seq_len, max_media=cfg.max_media,
+                      p_next=args.p_next, pack=pack) for name in data if weights[name] > 0]
     if not sources:
         raise SystemExit(f"train: no dataset with a weight above 0: datasets {sorted(data)}, --weights "
                          f"{weights}")
@@ -294,6 +297,11 @@ def parse_args(argv):
     ap.add_argument("--pairs", type=int, default=2000, help="image-text pairs drawn from the world")
     ap.add_argument("--videos", type=int, default=600, help="video-text pairs drawn from the world")
     ap.add_argument("--seq-len", type=int, default=256, help="paper A.3: 256-token subsequences")
+    ap.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                    help="pack short rows together, each attending only within itself: the same loss and "
+                         "gradients, to rounding, from fewer padded positions (data.collate; off with "
+                         "--xattn.only_immediate_media=false). Not a resume option: it changes no result "
+                         "beyond rounding")
     ap.add_argument("--p-next", type=float, default=0.0,
                     help="paper A.3.2 uses 0.5 on web pages; the world's text always follows its image")
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (tiny: 2e-3 beat 1e-3)")
@@ -480,11 +488,12 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
             x, y = to_device(b.input_ids, device), b.targets
             feats = None if b.media is None else to_device(b.media, device)
             frames = b.frames  # stays on the host: the resampler groups media by these counts (no sync)
+            segments = None if b.segments is None else to_device(b.segments, device)  # packed rows
             if n_global == 0:
                 empty_batches += 1  # nothing to predict in this batch (no text after an <image>): counted,
                 continue  # and said at the end
             with autocast:
-                _, loss = ddp(x, vision_features=feats, targets=y, media_frames=frames,
+                _, loss = ddp(x, vision_features=feats, targets=y, media_frames=frames, segments=segments,
                               return_logits=False, media_checked=True)  # collate checked the media
             if n_local == 0:
                 loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0  # keep DDP in step

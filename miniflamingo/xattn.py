@@ -30,13 +30,22 @@ from miniflamingo.config import XAttnConfig
 from miniflamingo.resampler import FeedForward
 
 
-def compute_phi(input_ids: torch.Tensor, image_id: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+def compute_phi(input_ids: torch.Tensor, image_id: int, key_mask: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
     """phi (B, L) long: how many <image> tokens are at positions <= t (paper 2.3; the paper's phi is 1-based,
-    so media slot phi(t) - 1, 0-based, is the one token t sees). Padding (key_mask False) never counts."""
+    so media slot phi(t) - 1, 0-based, is the one token t sees). Padding (key_mask False) never counts.
+    segments (B, L), packed rows (data.collate's pack): phi is 0 until a segment's own first <image>, then
+    the row's count, since its media slots follow the earlier segments'."""
     is_image = input_ids == image_id  # (B, L)
     if key_mask is not None:
         is_image = is_image & key_mask
-    return is_image.long().cumsum(dim=1)
+    phi = is_image.long().cumsum(dim=1)
+    if segments is None:
+        return phi
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]  # (B, L) first position of each segment
+    before = torch.where(starts, phi - is_image.long(), 0).cummax(dim=1).values  # images before the segment
+    return torch.where(phi > before, phi, 0)
 
 
 def attend_own_media(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
@@ -104,7 +113,11 @@ def attend_own_media(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: tor
 # media, 1 thread): grouped / masked time 1.9-2.4x up to 32 keys, 1.7x at 64 (the tiny training batch),
 # 1.5x at 128, 0.94x at 256 (tiny widths); 1.8x at 128, 1.3x at 256, 0.95x at 512 (small widths). Not
 # measured on a GPU. Benchmarks set it to 0 to count model FLOPs as the L x R work each token needs.
-MASKED_MAX_KEYS = 128
+# 256, not 128, since training packs rows (data.collate): a packed row of the tiny world's documents
+# holds up to ~40 media, with 5-8 tokens per media, where grouping gains least. The demo's whole training
+# step, packed, 2 threads: 129 ms with 128, 119 ms with 256, 118 ms with 1024; 159 ms unpacked (medians of
+# 20 steps, the four alternating in one process; /tmp script).
+MASKED_MAX_KEYS = 256
 
 
 def attend_media_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: torch.Tensor,

@@ -20,12 +20,14 @@ from miniflamingo.data import (
     collate,
     document_to_tokens,
     media_to_tensor,
+    pack_rows,
     pairs_to_tokens,
     sample_subsequence,
     to_device,
 )
 from miniflamingo.readers import letterbox, read_captions, read_interleaved
 from miniflamingo.tokenizer import Tokenizer
+from miniflamingo.xattn import compute_phi
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data_samples"
 TOK = Tokenizer.default()
@@ -213,6 +215,49 @@ def test_batch_slots_match_image_tokens_and_targets(docs, seq_len, max_media, p_
     next_token = torch.tensor([ids[1:] + [EOT] * (L - len(ids) + 1) for ids, _ in rows])  # (B, L)
     loss = ~pad & (phi > 0) & (next_token != IMG)
     assert (y[loss] == next_token[loss]).all() and (y[~loss] == -100).all(), "targets are next tokens"
+
+
+@FAST
+@given(lengths=st.lists(st.integers(1, 30), min_size=1, max_size=20), extra=st.integers(0, 10))
+def test_pack_rows_places_each_row_once_within_capacity(lengths, extra):
+    capacity = max(lengths) + extra
+    bins = pack_rows(lengths, capacity)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths))), "each row exactly once"
+    assert all(b == sorted(b) and sum(lengths[i] for i in b) <= capacity for b in bins)
+    # first fit: a row opens or joins a later bin only if it fit in no earlier one (bins only fill up)
+    totals = [sum(lengths[i] for i in b) for b in bins]
+    for j, b in enumerate(bins):
+        assert b and all(totals[i] + min(lengths[r] for r in b) > capacity for i in range(j))
+
+
+@FAST
+@given(docs=st.lists(documents(max_len=8), min_size=1, max_size=6), seq_len=st.integers(4, 30),
+       max_media=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_packed_batch_holds_each_row_once_with_its_own_media(docs, seq_len, max_media, seed):
+    """collate(pack=True) against the padded batch: row i's inputs and targets are segment i's, in one
+    piece; the media its k-th <image> reads (phi restarting in each segment) are row i's k-th, frames
+    too; padding is segment -1, eot in, -100 out; never more rows, never a longer row."""
+    data = DocumentDataset.from_documents(docs, TOK)
+    rng = np.random.default_rng(seed)
+    rows = [data.row(i, rng, seq_len, max_media, 0.0) for i in range(len(data))]
+    x, media, y, frames = collate(rows, TOK, return_frames=True)
+    px, pmedia, py, pframes, seg = collate(rows, TOK, return_frames=True, pack=True)
+    assert px.shape[1] == x.shape[1] and px.shape[0] <= x.shape[0] and seg.shape == px.shape == py.shape
+    assert (px[seg < 0] == EOT).all() and (py[seg < 0] == -100).all()
+    phi, pphi = compute_phi(x, IMG), compute_phi(px, IMG, segments=seg)
+    for i, (ids, ms) in enumerate(rows):
+        n = len(ids) - 1
+        p, where = (seg == i).nonzero(as_tuple=True)
+        assert len(p) == n and (p == p[0]).all() and (where == where[0] + torch.arange(n)).all()
+        p = int(p[0])
+        assert torch.equal(px[p, where], x[i, :n]) and torch.equal(py[p, where], y[i, :n])
+        own = pphi[p, where]  # phi of row i's positions in the packed row
+        assert torch.equal(own > 0, phi[i, :n] > 0), "no media before a segment's own first <image>"
+        for k in range(len(ms)):  # the (k+1)-th <image> of row i reads slot (its phi) - 1
+            slot = int(own[phi[i, :n] == k + 1][0]) - 1
+            assert torch.equal(pmedia[p, slot], media[i, k]) and pframes[p, slot] == frames[i, k]
+    if media is not None:
+        assert int(pframes.sum()) == int(frames.sum()), "every real frame once, no other"
 
 
 def test_collate_videos_frames_and_fixed_sizes():

@@ -263,6 +263,66 @@ def test_training_loss_without_logits_is_the_same_loss(batch, data):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@st.composite
+def ragged_rows(draw):
+    """Rows for data.collate: 1-6 of them, 1-20 input tokens each, <image> tokens anywhere, each with an
+    image or a 2-frame video (uint8 pixels)."""
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    rows, image_id = [], tiny_cfg().image_id
+    for _ in range(draw(st.integers(1, 6))):
+        n = draw(st.integers(2, 21))  # ids, n - 1 input tokens
+        ids = torch.randint(0, tiny_cfg().eot_id, (n,), generator=g)
+        spots = draw(st.lists(st.integers(0, n - 2), max_size=3, unique=True))  # among the inputs
+        ids[spots] = image_id
+        media = [torch.randint(0, 256, (draw(st.integers(1, 2)), IMAGE_SIZE, IMAGE_SIZE, 3), generator=g,
+                               dtype=torch.uint8).numpy() for _ in spots]
+        rows.append((ids.tolist(), [m[0] if len(m) == 1 else m for m in media]))
+    return rows
+
+
+@SETTINGS
+@given(rows=ragged_rows(), pos=st.sampled_from(["alibi", "rope"]), smear=st.booleans())
+def test_packed_rows_train_like_padded_rows(rows, pos, smear):
+    """data.collate(pack=True) puts short rows side by side in one row, and segments keep them apart: each
+    position's logits, the loss and the trained parameters' gradients are the padded batch's (ALiBi or
+    rotary positions, plain or smeared keys, images and videos)."""
+    cfg = tiny_cfg()
+    cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, pos=pos, smear_keys=smear))
+    m = build(cfg).train()
+    if smear:
+        with torch.no_grad():
+            for block in m.lm.blocks[1:]:
+                block.attn.smear.normal_(generator=torch.Generator().manual_seed(1))
+    x, media, y, frames = collate(rows, cfg, return_frames=True)
+    px, pmedia, py, pframes, seg = collate(rows, cfg, return_frames=True, pack=True)
+    out = []
+    for ids, md, tg, fr, sg in ((x, media, y, frames, None), (px, pmedia, py, pframes, seg)):
+        m.zero_grad()
+        logits, loss = m(ids, md, tg, media_frames=fr, segments=sg)
+        if (tg == -100).all():
+            assert loss.isnan()  # nothing to predict: mean over no targets, in both layouts
+            return
+        loss.backward()
+        grads = [p.grad.clone() for p in m.parameters() if p.grad is not None]
+        out.append((logits.detach(), loss.detach(), grads))
+    (logits, loss, grads), (plogits, ploss, pgrads) = out
+    for i, (ids, _) in enumerate(rows):  # row i's logits, wherever packing put it
+        torch.testing.assert_close(plogits[seg == i], logits[i, :len(ids) - 1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ploss, loss, atol=1e-6, rtol=1e-5)
+    assert len(grads) == len(pgrads) > 0
+    for a, b in zip(grads, pgrads):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+def test_packed_rows_need_cross_attention_to_the_immediate_media_only():
+    m = build(tiny_cfg(only_immediate_media=False))
+    ids = torch.tensor([[m.cfg.image_id, 5, 6, m.cfg.image_id, 7]])
+    with pytest.raises(ValueError, match="only_immediate_media"):
+        m(ids, torch.rand(1, 2, 1, 3, IMAGE_SIZE, IMAGE_SIZE), segments=torch.tensor([[0, 0, 0, 1, 1]]))
+    with pytest.raises(ValueError, match="segments are for training"):
+        m.lm(ids, segments=torch.tensor([[0, 0, 1]]))
+
+
 def test_too_many_images_and_bad_shapes_are_named():
     """Property 9 and the other errors of DESIGN.md 7."""
     m = build()
