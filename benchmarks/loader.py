@@ -60,7 +60,7 @@ def main() -> None:
     def sampler(ds):
         return MixtureSampler([Source(name, data, w, args.batch_size, seq_len=cfg.lm.context_length,
                                       max_media=cfg.max_media, p_next=args.p_next if name == "interleaved"
-                                      else 0.0)
+                                      else 0.0, pack=True)  # packed, as train.py does
                                for name, (data, w) in ds.items()], seed=0)
 
     print(f"tiny preset, {args.threads} threads, batch {args.batch_size} per dataset x 3 datasets, "
@@ -73,7 +73,7 @@ def main() -> None:
         def train_step(step, batches=batches, key=key):
             opt.zero_grad(set_to_none=True)
             for b in batches[step]:
-                _, loss = model(b.input_ids, targets=b.targets, **{key: b.media})
+                _, loss = model(b.input_ids, targets=b.targets, segments=b.segments, **{key: b.media})
                 (b.weight * loss).backward()  # paper 2.4: accumulate lambda_m * NLL_m over datasets
             opt.step()
 

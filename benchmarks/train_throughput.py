@@ -16,7 +16,8 @@ Notable features
   and of the frozen LM (activation grads only, about 1x forward: autograd computes no weight grads for
   frozen weights); attention and the LM head included (on the meta device SDPA runs as counted bmm's).
   Not counted: elementwise ops, norms, softmax, AdamW. The frozen vision encoder does not run in the step.
-  Padding is counted as run: rows padded to the longest of their batch and xattn's grouped chunks. The
+  Padding is counted as run: the packed rows' (or with --no-pack the rows padded to the longest of their
+  batch) and xattn's grouped chunks. The
   cross-attention is counted as grouped (L x R per row) also where the step runs one masked call over all
   T*R keys of a row (`xattn.MASKED_MAX_KEYS`: faster for few keys, T times the work, the rest masked out).
   The resampler runs real frames only (it groups media by frame count; the frames stay on the host, so the

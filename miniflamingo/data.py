@@ -216,11 +216,11 @@ def collate(rows: list[tuple[list[int], list]], special, seq_len: int | None = N
 
     Inputs are ids[:-1], targets ids[1:], -100 on padding, on `<image>` as a target and before the
     first `<image>` (phi = 0). L = seq_len, or the longest row; padding is eot_id. T = max_media, or
-    the most media in a row; slot j of row i holds the media of its (j+1)-th `<image>`; empty slots are
-    zeros. F = the most frames in the batch; a media with fewer frames is padded with zero frames, and
-    frames[i, j] counts the real ones (0 for an empty slot), for the resampler to skip the padding:
-    an image in a batch with a video must stay an image, not become a still video. media (and frames)
-    are None when no row has media.
+    the most media in a row (packed: in a packed row); slot j of row i holds the media of its (j+1)-th
+    `<image>`; empty slots are zeros. F = the most frames in the batch; a media with fewer frames is
+    padded with zero frames, and frames[i, j] counts the real ones (0 for an empty slot), for the
+    resampler to skip the padding: an image in a batch with a video must stay an image, not become a
+    still video. media (and frames) are None when no row has media.
     `special` is anything with .image_id and .eot_id: a Tokenizer or a FlamingoConfig.
 
     pack=True (training): several short rows share one row of L positions (`pack_rows`), their media
@@ -260,7 +260,7 @@ def collate(rows: list[tuple[list[int], list]], special, seq_len: int | None = N
     x, y = np.where(real, x, special.eot_id), np.where(no_loss, -100, nxt)
     slot_of = [[i * T + j for j in range(n)] for i, n in enumerate(n_media)]  # row i's media -> B*T row
     segments = None
-    if pack:  # row i goes to packed row where[i] at offset start[i], its media after the earlier rows'
+    if pack:  # each bin's rows side by side in one row, each row's media after the earlier rows' media
         bins = pack_rows(lengths.tolist(), L)
         T = max(int(n_media[b].sum()) for b in bins)
         B, px, py = len(bins), np.full((len(bins), L), special.eot_id), np.full((len(bins), L), -100)
@@ -397,7 +397,7 @@ class Source:
 class MixtureBatch(NamedTuple):
     name: str
     weight: float  # lambda_m: the training loop adds weight * loss for this batch
-    input_ids: torch.Tensor  # (B, L)
+    input_ids: torch.Tensor  # (B, L); packed (Source.pack): fewer rows, B' <= B
     media: torch.Tensor | None  # (B, T, F, 3, H, W) or features (B, T, F, S, Dv)
     targets: torch.Tensor  # (B, L)
     frames: torch.Tensor | None = None  # (B, T) real frames per media slot, for the resampler to skip padding

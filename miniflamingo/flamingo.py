@@ -155,7 +155,8 @@ class Flamingo(nn.Module):
     def _phi(self, input_ids, key_mask, latents, checked: bool = False, segments=None) -> torch.Tensor:
         """phi (B, L), after checking that every <image> has a media slot (unless the caller has)."""
         phi = compute_phi(input_ids, self.cfg.image_id, key_mask, segments)  # paper 2.3
-        n_images, T = phi[:, -1], 0 if latents is None else latents.shape[1]
+        # the highest slot a row reads (its last position's phi, unless packed: then padding's 0 ends it)
+        n_images, T = phi.amax(dim=1), 0 if latents is None else latents.shape[1]
         if not checked and len(n_images) and not n_images.is_meta and int(n_images.max()) > T:
             row = int(n_images.argmax())
             raise ValueError(
@@ -176,9 +177,9 @@ class Flamingo(nn.Module):
         <image> tokens have media slots; the forward then skips checking it again, on a GPU a wait for
         the device (issue 6: train.py's loop keeps the host queueing work ahead of the GPU).
         segments (B, L) long: rows packed by data.collate(pack=True), -1 on padding. Each segment attends
-        only to itself in the LM and reads only its own media (phi restarts at 0 in each), so the loss
-        is the unpacked batch's. Needs only-immediate-media cross-attention: with all previous media a
-        token would also see the earlier segments' images.
+        only to itself in the LM and reads only its own media (phi is 0 until its own first <image>), so
+        the loss is the unpacked batch's. Needs only-immediate-media cross-attention: with all previous
+        media a token would also see the earlier segments' images.
         """
         self._check_ids(input_ids)
         if segments is not None and not self.cfg.xattn.only_immediate_media:

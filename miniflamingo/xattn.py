@@ -12,9 +12,9 @@ Notable features
   image is exactly the frozen LM's (open_flamingo applies the FFW to every token; we do not, see below).
 - Attention cost scales with each token's own media, L x R, not with all media of the row, L x T*R:
   tokens are grouped by their media and each group attends to its R latents only (see `attend_own_media`).
-  With few keys per row (training batches: up to 8 media of 8 latents at the tiny preset) one masked call
-  over all of them is faster on a CPU and computes the same function, equal to rounding
-  (`attend_own_media_masked`).
+  With few keys per row (the tiny preset's training batches: up to 8 media of 8 latents a document, a few
+  dozen media in a packed row) one masked call over all of them is faster on a CPU and computes the same
+  function, equal to rounding (`attend_own_media_masked`).
 
 Shapes: B batch, L text length, T media slots per row, R latents per media, D = LM width,
 Dr = media width (the resampler's), nh heads, hs head size, E = nh * hs, N chunks per row, C tokens per chunk.
@@ -34,8 +34,9 @@ def compute_phi(input_ids: torch.Tensor, image_id: int, key_mask: torch.Tensor |
                 segments: torch.Tensor | None = None) -> torch.Tensor:
     """phi (B, L) long: how many <image> tokens are at positions <= t (paper 2.3; the paper's phi is 1-based,
     so media slot phi(t) - 1, 0-based, is the one token t sees). Padding (key_mask False) never counts.
-    segments (B, L), packed rows (data.collate's pack): phi is 0 until a segment's own first <image>, then
-    the row's count, since its media slots follow the earlier segments'."""
+    With segments (B, L), packed rows (data.collate's pack), that count is kept only from a segment's
+    own first <image> on, and phi is 0 before it: the segment's media slots follow the earlier segments'
+    in the row, and no token sees another segment's media."""
     is_image = input_ids == image_id  # (B, L)
     if key_mask is not None:
         is_image = is_image & key_mask
@@ -110,7 +111,7 @@ def attend_own_media(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: tor
 # per row over all of the row's media keys, masked to media phi(t). It does T times the grouped version's
 # attention work, but in B * nh calls instead of B * N * nh tiny ones, and on a CPU that wins while the
 # keys are few. `python benchmarks/xattn.py --keys` (attention alone, fwd + bwd, 16 rows of 15 tokens per
-# media, 1 thread): grouped / masked time 1.9-2.4x up to 32 keys, 1.7x at 64 (the tiny training batch),
+# media, 1 thread): grouped / masked time 1.9-2.4x up to 32 keys, 1.7x at 64 (the tiny padded batch),
 # 1.5x at 128, 0.94x at 256 (tiny widths); 1.8x at 128, 1.3x at 256, 0.95x at 512 (small widths). Not
 # measured on a GPU. Benchmarks set it to 0 to count model FLOPs as the L x R work each token needs.
 # 256, not 128, since training packs rows (data.collate): a packed row of the tiny world's documents

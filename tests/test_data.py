@@ -252,7 +252,9 @@ def test_packed_batch_holds_each_row_once_with_its_own_media(docs, seq_len, max_
         p = int(p[0])
         assert torch.equal(px[p, where], x[i, :n]) and torch.equal(py[p, where], y[i, :n])
         own = pphi[p, where]  # phi of row i's positions in the packed row
-        assert torch.equal(own > 0, phi[i, :n] > 0), "no media before a segment's own first <image>"
+        before = {int(r) for r in seg[p, :int(where[0])]}  # the rows packed before it
+        offset = sum(len(rows[r][1]) for r in before)  # their media slots come first
+        assert torch.equal(own, torch.where(phi[i, :n] > 0, phi[i, :n] + offset, 0)), "own media only"
         for k in range(len(ms)):  # the (k+1)-th <image> of row i reads slot (its phi) - 1
             slot = int(own[phi[i, :n] == k + 1][0]) - 1
             assert torch.equal(pmedia[p, slot], media[i, k]) and pframes[p, slot] == frames[i, k]

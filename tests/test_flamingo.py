@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import miniflamingo as mf
+from miniflamingo import xattn as xattn_module
 from miniflamingo.data import collate
 from miniflamingo.flamingo import Flamingo
 from miniflamingo.xattn import compute_phi
@@ -280,12 +281,9 @@ def ragged_rows(draw):
     return rows
 
 
-@SETTINGS
-@given(rows=ragged_rows(), pos=st.sampled_from(["alibi", "rope"]), smear=st.booleans())
-def test_packed_rows_train_like_padded_rows(rows, pos, smear):
-    """data.collate(pack=True) puts short rows side by side in one row, and segments keep them apart: each
-    position's logits, the loss and the trained parameters' gradients are the padded batch's (ALiBi or
-    rotary positions, plain or smeared keys, images and videos)."""
+def check_packed_like_padded(rows, pos="alibi", smear=False, masked_keys=None):
+    """Row i's logits wherever packing put it, the loss and the trained parameters' gradients: the padded
+    batch's. masked_keys: xattn.MASKED_MAX_KEYS for the call (0: the grouped cross-attention)."""
     cfg = tiny_cfg()
     cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, pos=pos, smear_keys=smear))
     m = build(cfg).train()
@@ -295,23 +293,57 @@ def test_packed_rows_train_like_padded_rows(rows, pos, smear):
                 block.attn.smear.normal_(generator=torch.Generator().manual_seed(1))
     x, media, y, frames = collate(rows, cfg, return_frames=True)
     px, pmedia, py, pframes, seg = collate(rows, cfg, return_frames=True, pack=True)
-    out = []
-    for ids, md, tg, fr, sg in ((x, media, y, frames, None), (px, pmedia, py, pframes, seg)):
-        m.zero_grad()
-        logits, loss = m(ids, md, tg, media_frames=fr, segments=sg)
-        if (tg == -100).all():
-            assert loss.isnan()  # nothing to predict: mean over no targets, in both layouts
-            return
-        loss.backward()
-        grads = [p.grad.clone() for p in m.parameters() if p.grad is not None]
-        out.append((logits.detach(), loss.detach(), grads))
+    out, saved = [], xattn_module.MASKED_MAX_KEYS
+    xattn_module.MASKED_MAX_KEYS = saved if masked_keys is None else masked_keys
+    try:
+        for ids, md, tg, fr, sg in ((x, media, y, frames, None), (px, pmedia, py, pframes, seg)):
+            m.zero_grad()
+            logits, loss = m(ids, md, tg, media_frames=fr, segments=sg)
+            if not (tg == -100).all():  # else the mean over no targets is NaN, in both layouts
+                loss.backward()
+            grads = [p.grad.clone() for p in m.parameters() if p.grad is not None]
+            out.append((logits.detach(), loss.detach(), grads))
+    finally:
+        xattn_module.MASKED_MAX_KEYS = saved
     (logits, loss, grads), (plogits, ploss, pgrads) = out
-    for i, (ids, _) in enumerate(rows):  # row i's logits, wherever packing put it
+    for i, (ids, _) in enumerate(rows):
         torch.testing.assert_close(plogits[seg == i], logits[i, :len(ids) - 1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ploss, loss, atol=1e-6, rtol=1e-5)
-    assert len(grads) == len(pgrads) > 0
+    torch.testing.assert_close(ploss, loss, atol=1e-6, rtol=1e-5, equal_nan=True)
+    assert len(grads) == len(pgrads)
     for a, b in zip(grads, pgrads):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    return seg
+
+
+@SETTINGS
+@given(rows=ragged_rows(), pos=st.sampled_from(["alibi", "rope"]), smear=st.booleans(),
+       masked_keys=st.sampled_from([0, None]))
+def test_packed_rows_train_like_padded_rows(rows, pos, smear, masked_keys):
+    """data.collate(pack=True) puts short rows side by side in one row, and segments keep them apart: each
+    position's logits, the loss and the trained parameters' gradients are the padded batch's (ALiBi or
+    rotary positions, plain or smeared keys, the grouped or the masked cross-attention, images and
+    videos)."""
+    check_packed_like_padded(rows, pos, smear, masked_keys)
+
+
+@pytest.mark.parametrize("masked_keys", [0, None])
+def test_packed_segments_keep_their_own_media(masked_keys):
+    """One packed row of three segments (checked): the first with two images, the second with none, the
+    third starting with <image> (a video), then a long row alone. The second segment's tokens would read
+    the first's last image, and the third's first token the second image, if phi did not restart."""
+    cfg, g = tiny_cfg(), torch.Generator().manual_seed(3)
+
+    def pixels(*shape):
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).numpy()
+
+    img = cfg.image_id
+    image = (IMAGE_SIZE, IMAGE_SIZE, 3)
+    rows = [([5, img, 6, 7, img, 8, 9], [pixels(*image), pixels(*image)]),
+            ([10, 11, 12, 13], []),
+            ([img, 14, 15, 16, 17], [pixels(2, IMAGE_SIZE, IMAGE_SIZE, 3)]),
+            ([img, *range(20, 36)], [pixels(*image)])]
+    seg = check_packed_like_padded(rows, "alibi", True, masked_keys)
+    assert seg.shape[0] == 2 and set(seg[1].tolist()) == {0, 1, 2, -1}, "the three short rows share a row"
 
 
 def test_packed_rows_need_cross_attention_to_the_immediate_media_only():
@@ -321,6 +353,12 @@ def test_packed_rows_need_cross_attention_to_the_immediate_media_only():
         m(ids, torch.rand(1, 2, 1, 3, IMAGE_SIZE, IMAGE_SIZE), segments=torch.tensor([[0, 0, 0, 1, 1]]))
     with pytest.raises(ValueError, match="segments are for training"):
         m.lm(ids, segments=torch.tensor([[0, 0, 1]]))
+    with pytest.raises(ValueError, match="and a cache"):
+        m.lm(ids, segments=torch.zeros_like(ids), cache=m.lm.new_cache(1))
+    packed = build()  # too few media slots for a packed row's images: named, though padding ends the row
+    ids = torch.tensor([[m.cfg.image_id, 5, m.cfg.image_id, 6, m.cfg.eot_id]])
+    with pytest.raises(ValueError, match="row 0 has 2 <image> tokens but there are only 1 media slots"):
+        packed(ids, torch.rand(1, 1, 1, 3, IMAGE_SIZE, IMAGE_SIZE), segments=torch.tensor([[0, 0, 1, 1, -1]]))
 
 
 def test_too_many_images_and_bad_shapes_are_named():
