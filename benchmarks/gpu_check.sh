@@ -5,13 +5,15 @@
 #  1. MFU of the Flamingo step at the small preset in bf16, batch 512, waiting for the device once a step as
 #     train.py does (--overlap), with a device-time profile of one step by kernel class and the lines
 #     where the host waited for the GPU (--sync-debug);
-#  2. each attention call of that step timed with every SDPA kernel (benchmarks/short_attention.py), then
+#  2. the same step with rows padded as before session 20 (--no-pack): packing (train.py's default since) was
+#     measured on a CPU only, and on a GPU its per-row ALiBi masks (B', nh, L, L) cost memory traffic;
+#  3. each attention call of that step timed with every SDPA kernel (benchmarks/short_attention.py), then
 #     the whole demo pipeline in its quick form on the GPU (SKIP_DEMO=1 skips the demo);
-#  3. the same step with each block compiled (--compile regions), profiled;
-#  4. the eager step with flash attention left out: it runs only the short-key attentions of the resampler
+#  4. the same step with each block compiled (--compile regions), profiled;
+#  5. the eager step with flash attention left out: it runs only the short-key attentions of the resampler
 #     and the grouped cross-attention (the LM's ALiBi bias rules it out there), and the third lease saw its
 #     backward take 2.9 ms a call, 40 ms of a 301-ms step;
-#  5. the eager step at batch 1024.
+#  6. the eager step at batch 1024.
 # Logs go to ${OUT:-runs/gpu_check}. A dry run on a CPU: PRESET=tiny BATCH=4 BUDGET=900 bash benchmarks/gpu_check.sh
 set -u
 out=${OUT:-runs/gpu_check}; mkdir -p "$out"
@@ -35,6 +37,7 @@ bench() {  # name, time limit, arguments
   grep -E "^(== |params|step |tokens/s|one step|by class|host waits|torch\.|.*Recompil)" "$out/$name.txt" | cut -c1-400
 }
 bench eager_overlap 110 --steps 6 --warmup 2 --overlap --profile --sync-debug
+bench eager_padded 80 --steps 6 --warmup 2 --overlap --no-pack
 # Each attention call of that step, forward + backward, with every SDPA kernel and as explicit matmuls.
 if room 90 "short_attention"; then
   t0=$(date +%s)
