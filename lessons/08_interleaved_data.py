@@ -10,6 +10,10 @@ What it teaches
 - Batches: random windows keeping at most max_media media (paper: 256 tokens, first 5 images), padded,
   media stacked as (B, T, F, 3, H, W), targets -100 where no loss applies. A mixture draws one batch per
   dataset per step, weighted by lambda_m (paper 2.4: 1.0 / 0.2 / 0.2 / 0.03, gradients accumulated).
+- Packing (ours, for speed; the paper does not say how it batches): short documents padded to the
+  longest of their batch waste most positions, so training puts several side by side in one row.
+  `segments` names each position's document, and the model keeps them apart (attention within a
+  segment, phi restarting at each), so the loss is the padded batch's.
 
 Paper: App. A.3 (M3W processing, A.3.1 <image>/<EOC>, A.3.2 p_next), section 2.4 (the mixture).
 Run: python lessons/08_interleaved_data.py
@@ -117,4 +121,28 @@ for b in MixtureSampler(sources, seed=0).batch(0):
     print(f"  {b.name:11} lambda {b.weight:3.1f}: input_ids {tuple(b.input_ids.shape)}, "
           f"media {tuple(b.media.shape)}")
     assert b.media.shape[2] == (world.video_frames if b.name == "video-text" else 1)
-print("\nOK: <image> marks each media, p_next picks the image each text attends to, batches mask their loss.")
+
+# ----------------------------------------------------------------------------- 4. packing
+
+rows = [docs.row(i, np.random.default_rng(i), 256, 8) for i in range(8)]  # 8 world documents
+x, media, y, frames = collate(rows, tok, return_frames=True)
+px, pmedia, py, pframes, segments = collate(rows, tok, return_frames=True, pack=True)
+lengths = [len(ids) - 1 for ids, _ in rows]
+print(f"\n8 documents of {min(lengths)}-{max(lengths)} tokens: padded {tuple(x.shape)}, "
+      f"{1 - sum(lengths) / x.numel():.0%} of it padding; packed {tuple(px.shape)}, "
+      f"{1 - sum(lengths) / px.numel():.0%} padding")
+held = [sorted(set(row.tolist()) - {-1}) for row in segments]  # -1 marks padding
+print(f"  the documents each packed row holds (its segments): {held}")
+assert px.numel() < x.numel() and (segments >= 0).sum() == sum(lengths)
+torch.manual_seed(0)
+model = mf.Flamingo(mf.FlamingoConfig.preset("tiny"))
+with torch.no_grad():  # opened gates, as after training, so that the images matter
+    for layer in model.xattn:
+        layer.attn_gate.fill_(0.5)
+        layer.ff_gate.fill_(0.5)
+    _, loss = model(x, media, y, media_frames=frames)
+    _, packed_loss = model(px, pmedia, py, media_frames=pframes, segments=segments)
+print(f"  loss padded {loss.item():.6f}, packed {packed_loss.item():.6f}: the same, to rounding")
+assert torch.allclose(loss, packed_loss, atol=1e-5)
+print("\nOK: <image> marks each media, p_next picks the image each text attends to, batches mask their loss, "
+      "packing saves the padding.")
