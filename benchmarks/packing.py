@@ -8,8 +8,8 @@ Notable features
   blob binding, 3000 documents, 2000 pairs, 600 videos), encoded by a random tiny vision encoder (speed
   does not depend on the weights; the row lengths and media counts are the world's).
 - The demo's step: one batch from each source (16 documents, 16 pairs, 8 videos), lambda-weighted
-  backward as train.py does it (each batch's mean loss times its share of its source's targets), clip,
-  AdamW.
+  backward (one batch per source, so each source's mean loss times its lambda, as train.py's weighting
+  comes to on one process), clip, AdamW.
 - Three ways, alternating step by step in one process (the shared machine's speed drifts): rows padded to
   the longest of their batch (as before session 20); packed (`data.collate(pack=True)`, train.py's
   default) with the masked cross-attention up to 128 keys (`xattn.MASKED_MAX_KEYS` before); packed with
@@ -61,15 +61,11 @@ def main(argv: list[str] | None = None) -> int:
             src.pack = pack
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        batches = sampler.batch(i)
-        counts = {}
-        for b in batches:
-            counts[b.name] = counts.get(b.name, 0) + int((b.targets != -100).sum())
         positions = real = 0
-        for b in batches:
+        for b in sampler.batch(i):
             _, loss = model(b.input_ids, vision_features=b.media, targets=b.targets, media_frames=b.frames,
                             segments=b.segments, return_logits=False, media_checked=True)
-            (b.weight * loss * int((b.targets != -100).sum()) / counts[b.name]).backward()
+            (b.weight * loss).backward()
             positions += b.input_ids.numel()
             if b.segments is not None:
                 real += int((b.segments >= 0).sum())

@@ -201,9 +201,10 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     bins, room = [], []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties keep their order
         b = next((b for b, r in enumerate(room) if r >= lengths[i]), None)
-        if b is None:
-            bins.append([]), room.append(capacity)
-            b = len(bins) - 1
+        if b is None:  # fits nowhere yet: a new packed row
+            b = len(bins)
+            bins.append([])
+            room.append(capacity)
         bins[b].append(i)
         room[b] -= lengths[i]
     return [sorted(b) for b in bins]

@@ -116,8 +116,9 @@ def attend_own_media(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: tor
 # measured on a GPU. Benchmarks set it to 0 to count model FLOPs as the L x R work each token needs.
 # 256, not 128, since training packs rows (data.collate): a packed row of the tiny world's documents
 # holds up to ~40 media, with 5-8 tokens per media, where grouping gains least. The demo's whole training
-# step, packed, 2 threads: 129 ms with 128, 119 ms with 256, 118 ms with 1024; 159 ms unpacked (medians of
-# 20 steps, the four alternating in one process; /tmp script).
+# step on its own data, 2 threads (`python benchmarks/packing.py`, medians of 20 steps, alternating):
+# padded 188 ms, packed 154 ms with 128, 143 ms with 256 (an earlier /tmp run: 129 / 119 ms, and 118 ms
+# with 1024).
 MASKED_MAX_KEYS = 256
 
 
