@@ -233,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
             # stage 235 -> 211 s, seed 0, when the LM was the longer stage).
             print("== encoding Flamingo's training data" + ("" if rendered else " (rendered now: the LM still"
                                                               " trains)"), flush=True)
+            # On every core, even while the LM still trains on one. Before, this ran on the vision
+            # stage's one thread unless WhenLMDone had raised the count, which it does only at a vision
+            # step after its rendering: an LM that ended late in the vision stage or after it left its
+            # core idle through the encoding, 23.9-28.5 s on one thread against 13.4-14.6 s on two
+            # (seed 0, docs/EXPERIMENTS.md, "The demo's schedule"). The features are the same on any
+            # number of threads (train.world_data encodes each batch on one).
+            torch.set_num_threads(threads)
             prepared = train.prepare_data(train_argv[1:], rendered)
         del rendered  # the features replace the pixels
         finish_background("lm", lm_job, done, state_path)

@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
         for group in opt.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         opt.zero_grad(set_to_none=True)
-        losses, tokens = {}, 0
+        losses = {}
         # No reads of device values inside the batch loop: on a GPU each one makes the host wait until the
         # device has caught up, instead of queueing the next kernels and assembling the next batch (issue
         # 6). Token counts come from the host's targets; the losses are read once, after the loop.
@@ -501,7 +501,6 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
             # mean over this rank's tokens -> sum / global tokens, times world_size because DDP (and FSDP's
             # reduce-scatter) averages gradients over ranks
             (b.weight * loss * n_local * world_size / n_global).backward()
-            tokens += x.numel()
         grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.requires_grad], args.grad_clip))
         # One read for the step, before the update: a NaN or inf loss (or gradient, from a finite loss)
@@ -518,7 +517,9 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
         opt.step()
         step += 1
         total = sum(weights[k] * v for k, v in losses.items())
-        progress.update(step, total, tokens=tokens * world_size, lr=lr)
+        # tok/s counts the tokens trained on (those with a target, all ranks), not the positions run:
+        # padding and packing change the second, not the first.
+        progress.update(step, total, tokens=sum(n_globals), lr=lr)
         if step % args.log_every == 0 or step == stop:
             g = gates(model)  # every rank: a collective under FSDP
             if logger:

@@ -146,6 +146,54 @@ def test_when_lm_done_renders_once_the_lm_ends_then_raises_threads_and_hands_the
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("lm", ["still_training", "ended_late"])
+def test_demo_encodes_flamingos_data_on_every_core_whichever_stage_ends_first(tmp_path, monkeypatch, lm):
+    """The vision stage ends on one torch thread. If the LM is still training then, or ended so late that
+    WhenLMDone's rendering outlasted the vision stage's last step (so the hook never raised the thread
+    count), the demo still encodes Flamingo's data with the thread count it began with: the LM's core
+    must not idle through the encoding (demo.main says why)."""
+    import torch
+
+    from miniflamingo import demo as demo_mod
+    from miniflamingo import pretrain_vision
+    from miniflamingo import train as train_mod
+
+    class Job:  # the background LM stage
+        def poll(self):
+            return None if lm == "still_training" else 0
+
+        def terminate(self):
+            pass
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+    pixels = {"argv": None, "data": "pixels"}  # stands in for train.render_data's result
+
+    def vision_stage(argv, on_step):
+        torch.set_num_threads(1)  # as pretrain-vision does
+        on_step(1)  # still training: nothing; ended: the rendering starts, and this was the last step
+        return 0
+
+    def prepare_data(argv, rendered):
+        seen.update(threads=torch.get_num_threads(), rendered=rendered)
+        raise Stop  # the rest of the demo is not this test's
+
+    monkeypatch.setattr(demo_mod, "start_in_background", lambda name, argv, done, run: (Job(), 0.0, None))
+    monkeypatch.setattr(pretrain_vision, "main", vision_stage)
+    monkeypatch.setattr(train_mod, "render_data", lambda argv: pixels)
+    monkeypatch.setattr(train_mod, "prepare_data", prepare_data)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(Stop):
+            demo_mod.main(["--run", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == {"threads": 2, "rendered": None if lm == "still_training" else pixels}
+
+
 @pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux /proc smaps_rollup")
 def test_tree_memory_sums_the_command_and_its_children(tmp_path, capsys):
     """benchmarks/tree_memory.py, which README's memory figure comes from: a parent holding 400 MiB while
