@@ -226,9 +226,10 @@ def prepare_data(argv: list[str], rendered: dict | None = None) -> dict:
                                                    None if rendered is None else rendered["data"])}
 
 
-def world_sources(data: dict[str, DocumentDataset], cfg: FlamingoConfig, args,
-                  weights: dict[str, float]) -> list[Source]:
-    """The mixture's sources: each dataset with its weight lambda_m, batch size and row settings."""
+def world_sources(data: dict[str, DocumentDataset], cfg: FlamingoConfig, args, weights: dict[str, float],
+                  world_size: int = 1) -> list[Source]:
+    """The mixture's sources: each dataset with its weight lambda_m, batch size and row settings.
+    world_size: the processes that will each take a shard of every source (setup_distributed's)."""
     batch = {"interleaved": args.batch_size, "image_text": args.pair_batch_size,
              "video_text": args.video_batch_size}
     seq_len = min(args.seq_len, cfg.lm.context_length)
@@ -240,7 +241,6 @@ def world_sources(data: dict[str, DocumentDataset], cfg: FlamingoConfig, args,
     if not sources:
         raise SystemExit(f"train: no dataset with a weight above 0: datasets {sorted(data)}, --weights "
                          f"{weights}")
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
     origin = {"image_text": args.captions, "interleaved": args.interleaved}
     for src in sources:  # each rank takes a disjoint shard (MixtureSampler): at least one item each
         if len(src.data) < world_size:
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None, prepared: dict | None = None) -> int:
     else:  # encodes the world's media: before any sharding
         data = world_data(model.vision, cfg.vision.image_size, tok, args)
     release_freed_memory()  # the pixels are gone by now (the demo's too): 1.9-2.1 -> 1.4-1.5 GiB in training
-    sampler = MixtureSampler(world_sources(data, cfg, args, weights), seed=args.seed, rank=rank,
+    sampler = MixtureSampler(world_sources(data, cfg, args, weights, world_size), seed=args.seed, rank=rank,
                              world_size=world_size)
     n = model.param_counts()
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)

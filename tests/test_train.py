@@ -252,7 +252,7 @@ def test_trains_on_local_files_only_those_it_is_given(tmp_path, monkeypatch, cap
                         "--steps", "2", "--batch-size", "1", "--threads", "1"])
 
 
-def test_a_local_source_smaller_than_the_process_count_is_named(monkeypatch):
+def test_a_local_source_smaller_than_the_process_count_is_named():
     """Under torchrun each rank takes a disjoint shard: a file with fewer usable items than processes
     stops the run naming the file, not the sampler's internal dataset name."""
     from miniflamingo import train as train_mod
@@ -263,11 +263,9 @@ def test_a_local_source_smaller_than_the_process_count_is_named(monkeypatch):
     doc = {"texts": [None, "a cat"], "images": [torch.zeros(1), None]}
     data = {"interleaved": DocumentDataset.from_documents([doc, doc], Tokenizer.default())}
     cfg, weights = mf.FlamingoConfig.preset("tiny"), train_mod.parse_weights(None)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert len(train_mod.world_sources(data, cfg, args, weights)) == 1
-    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert len(train_mod.world_sources(data, cfg, args, weights, world_size=2)) == 1
     with pytest.raises(SystemExit, match=r"few\.jsonl has 2 usable items, fewer than the 3 processes"):
-        train_mod.world_sources(data, cfg, args, weights)
+        train_mod.world_sources(data, cfg, args, weights, world_size=3)
 
 
 def test_resume_with_other_optimizer_groups_fails_clearly(tmp_path):
