@@ -376,7 +376,9 @@ def parse_families(text: str | None) -> dict[str, float] | None:
 
 def gates(model: Flamingo) -> dict[str, list[float]]:
     """tanh of every gate, to watch the layers open (lesson 9). A collective when sharded (FSDP)."""
-    values = [round(math.tanh(g.item()), 5) for g in distributed.gate_values(model)]
+    # one read for all gates (on a GPU each .item() would make the host wait for the device)
+    values = torch.stack(distributed.gate_values(model)).float().reshape(-1).tolist()
+    values = [round(math.tanh(g), 5) for g in values]
     return {"attn": values[0::2], "ffw": values[1::2]}
 
 

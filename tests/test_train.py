@@ -370,3 +370,22 @@ def test_throughput_benchmark_counts_the_grouped_attention_flops():
         xattn.MASKED_MAX_KEYS = saved
     # The same counter over the masked call as the step runs it: more FLOPs, all on keys it masks out.
     assert tt._count_flops(meta, batches, autocast)[0] > counted[0]
+
+
+def test_gates_reports_tanh_of_each_layers_two_gates_in_layer_order():
+    """train.gates (the log's and the final line's): tanh of every xattn layer's attention and FFW gate,
+    read in one go, in layer order."""
+    import math
+
+    from miniflamingo import train as train_mod
+
+    model = mf.Flamingo(mf.FlamingoConfig.preset("tiny"))
+    with torch.no_grad():
+        for i, layer in enumerate(model.xattn):
+            layer.attn_gate.fill_(0.1 * (i + 1))
+            layer.ff_gate.fill_(-0.3 * (i + 1))
+    n = len(model.xattn)
+    assert n >= 2, "the test needs two layers to check the order"
+    expected = {"attn": [round(math.tanh(0.1 * (i + 1)), 5) for i in range(n)],
+                "ffw": [round(math.tanh(-0.3 * (i + 1)), 5) for i in range(n)]}
+    assert train_mod.gates(model) == expected
