@@ -210,6 +210,15 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
+def segment_starts(segments: torch.Tensor) -> torch.Tensor:
+    """segments (B, L) of a packed batch (collate's pack) -> (B, L) bool, True where a segment begins
+    (position 0, and wherever the row index changes; padding's -1 is a segment of its own). The model
+    restarts what a token inherits from the positions before it there: smeared keys, phi."""
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return starts
+
+
 def collate(rows: list[tuple[list[int], list]], special, seq_len: int | None = None,
             max_media: int | None = None, return_frames: bool = False, pack: bool = False):
     """Rows (ids, media) -> input_ids (B, L) long, media (B, T, F, 3, H, W) float32 in [0, 1] (or

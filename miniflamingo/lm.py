@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from miniflamingo.config import LMConfig
-from miniflamingo.data import to_device
+from miniflamingo.data import segment_starts, to_device
 
 # ----------------------------------------------------------------------------- positions
 
@@ -158,7 +158,7 @@ class CausalSelfAttention(nn.Module):
         prev = k if key_mask is None else k * key_mask[:, None, :, None].to(k.dtype)
         prev = F.pad(prev, (0, 0, 1, 0))[:, :, :-1]  # (B, nh, Lk, hs): the key at j - 1, zero at j = 0
         if segments is not None:
-            same = F.pad(segments[:, 1:] == segments[:, :-1], (1, 0))  # (B, Lk): j - 1 in j's segment
+            same = ~segment_starts(segments)  # (B, Lk): j - 1 is in j's segment
             prev = prev * same[:, None, :, None].to(k.dtype)
         s = torch.sigmoid(self.smear).to(k.dtype).view(1, -1, 1, 1)  # (1, nh, 1, 1)
         return torch.lerp(prev, k, s)  # s * k + (1 - s) * prev

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from miniflamingo.config import XAttnConfig
+from miniflamingo.data import segment_starts
 from miniflamingo.resampler import FeedForward
 
 
@@ -43,8 +44,7 @@ def compute_phi(input_ids: torch.Tensor, image_id: int, key_mask: torch.Tensor |
     phi = is_image.long().cumsum(dim=1)
     if segments is None:
         return phi
-    starts = torch.ones_like(segments, dtype=torch.bool)
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]  # (B, L) first position of each segment
+    starts = segment_starts(segments)  # (B, L) first position of each segment
     before = torch.where(starts, phi - is_image.long(), 0).cummax(dim=1).values  # images before the segment
     return torch.where(phi > before, phi, 0)
 
